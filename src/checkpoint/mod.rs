@@ -1,0 +1,352 @@
+//! Reading checkpoints of every format into one flat namespace of named tensors.
+//!
+//! Opening a checkpoint reads and validates its header only. Every tensor is then a byte range
+//! of one of the checkpoint's files ([`TensorInfo`]), read on demand with positioned reads
+//! ([`Checkpoint::read_at`]), so no format is ever read whole into memory and a file that
+//! shrinks under us gives an error instead of a `SIGBUS`.
+
+pub mod safetensors;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// The on-disk format of a checkpoint.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One `.safetensors` file.
+    Safetensors,
+    /// Several safetensors files tied together by an index.
+    Sharded,
+    /// A PyTorch zip checkpoint written by `torch.save`.
+    Torch,
+}
+
+impl Format {
+    /// The name shown to users.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Sharded => "sharded",
+            Format::Torch => "torch",
+        }
+    }
+}
+
+/// One file that a checkpoint's tensors live in.
+#[derive(Debug)]
+pub struct DataFile {
+    /// Path as given (or as found through an index).
+    pub path: PathBuf,
+    /// The open file; read with positioned reads only, so it can be shared across threads.
+    pub file: File,
+    /// Size when the header was read; reads past it are refused.
+    pub len: u64,
+}
+
+impl DataFile {
+    /// Opens `path` for reading and records its size.
+    pub fn open(path: &Path) -> Result<DataFile> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            return Err(Error::format(path, "is a directory"));
+        }
+        Ok(DataFile {
+            path: path.to_path_buf(),
+            file,
+            len: meta.len(),
+        })
+    }
+
+    /// Checks that the file still has the size it had when its header was read.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&self.path, e))?
+            .len();
+        if now != self.len {
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "file changed size while in use ({} bytes, now {now})",
+                    self.len
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where one tensor's bytes are, and what they are.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    /// Name in the flat namespace (`state_dict.backbone.conv1.weight`).
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Index into [`Checkpoint::files`].
+    pub file: usize,
+    /// Absolute byte offset of the first element in that file.
+    pub offset: u64,
+    /// Byte length (`numel × dtype size`), contiguous, little-endian.
+    pub len: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.len / self.dtype.size() as u64
+    }
+}
+
+/// Where a checkpoint's step came from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepSource {
+    /// A metadata key (safetensors `__metadata__` or a plain number in a `.pth`).
+    Metadata(String),
+    /// The last integer in the file name.
+    FileName,
+}
+
+/// A non-tensor entry of a checkpoint that was recognised and left out of the tensor namespace.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Skipped {
+    /// Flat name of the entry.
+    pub name: String,
+    /// What it was (`HistoryBuffer`, `numpy.ndarray`, ...).
+    pub kind: String,
+}
+
+/// An opened checkpoint: validated header, tensors as byte ranges, metadata.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Path as the user gave it.
+    pub path: PathBuf,
+    pub format: Format,
+    /// The files holding tensor data (one, except for sharded checkpoints).
+    pub files: Vec<DataFile>,
+    /// Tensors in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// String metadata (safetensors `__metadata__`, or plain values of a `.pth`).
+    pub metadata: BTreeMap<String, String>,
+    /// Entries that are neither tensors nor plain metadata (only for `.pth`).
+    pub skipped: Vec<Skipped>,
+    /// Training step, when one was found.
+    pub step: Option<u64>,
+    pub step_source: Option<StepSource>,
+    index: HashMap<String, usize>,
+}
+
+/// Metadata keys that hold the step, in order of preference (SPEC §2).
+pub const SAFETENSORS_STEP_KEYS: [&str; 5] = ["step", "global_step", "iter", "iteration", "epoch"];
+/// Plain values of a `.pth` that hold the step, in order of preference (SPEC §2).
+pub const TORCH_STEP_KEYS: [&str; 5] = ["meta.iter", "meta.epoch", "global_step", "epoch", "iter"];
+
+impl Checkpoint {
+    /// Opens a checkpoint of any supported format and validates its header.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            return Err(Error::format(
+                path,
+                "is a directory (sharded checkpoints are not supported yet)",
+            ));
+        }
+        let mut magic = [0u8; 8];
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let n = read_up_to(&file, 0, &mut magic).map_err(|e| Error::io(path, e))?;
+        let magic = &magic[..n];
+        if magic.starts_with(b"PK\x03\x04") || magic.starts_with(b"PK\x05\x06") {
+            return Err(Error::format(
+                path,
+                "PyTorch zip checkpoints are not supported yet",
+            ));
+        }
+        drop(file);
+        safetensors::open(path)
+    }
+
+    /// Builds a checkpoint from parts; computes the name index and the step.
+    ///
+    /// Fails on duplicate tensor names.
+    pub fn new(
+        path: PathBuf,
+        format: Format,
+        files: Vec<DataFile>,
+        tensors: Vec<TensorInfo>,
+        metadata: BTreeMap<String, String>,
+        skipped: Vec<Skipped>,
+    ) -> Result<Checkpoint> {
+        let mut index = HashMap::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            if index.insert(t.name.clone(), i).is_some() {
+                return Err(Error::tensor(&path, &t.name, "appears twice"));
+            }
+        }
+        let keys: &[&str] = match format {
+            Format::Torch => &TORCH_STEP_KEYS,
+            _ => &SAFETENSORS_STEP_KEYS,
+        };
+        let (step, step_source) = match find_step(&metadata, keys, &path) {
+            Some((s, src)) => (Some(s), Some(src)),
+            None => (None, None),
+        };
+        Ok(Checkpoint {
+            path,
+            format,
+            files,
+            tensors,
+            metadata,
+            skipped,
+            step,
+            step_source,
+            index,
+        })
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The index in [`Checkpoint::tensors`] of the tensor called `name`.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// Reads `buf.len()` bytes of tensor `t` starting `off` bytes into its data.
+    pub fn read_at(&self, t: &TensorInfo, off: u64, buf: &mut [u8]) -> Result<()> {
+        off.checked_add(buf.len() as u64)
+            .filter(|&e| e <= t.len)
+            .ok_or_else(|| Error::tensor(&self.path, &t.name, "read past the end of the tensor"))?;
+        let df = &self.files[t.file];
+        df.file
+            .read_exact_at(buf, t.offset + off)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::tensor(
+                    &df.path,
+                    &t.name,
+                    "file is shorter than its header says (truncated while in use?)",
+                ),
+                _ => Error::tensor(&df.path, &t.name, e.to_string()),
+            })
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.len).sum()
+    }
+
+    /// Checks that no file changed size since the header was read.
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.files.iter().try_for_each(DataFile::check_unchanged)
+    }
+}
+
+/// Reads as many bytes as are there, up to `buf.len()`.
+pub(crate) fn read_up_to(file: &File, off: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The step of a checkpoint: the first metadata key of `keys` holding an integer, else the last
+/// integer in the file name.
+pub fn find_step(
+    metadata: &BTreeMap<String, String>,
+    keys: &[&str],
+    path: &Path,
+) -> Option<(u64, StepSource)> {
+    for k in keys {
+        if let Some(v) = metadata.get(*k) {
+            if let Some(s) = parse_step_value(v) {
+                return Some((s, StepSource::Metadata((*k).to_string())));
+            }
+        }
+    }
+    step_from_file_name(path).map(|s| (s, StepSource::FileName))
+}
+
+/// Parses `"1000"`, `"1000.0"` as a step.
+fn parse_step_value(v: &str) -> Option<u64> {
+    let v = v.trim();
+    if let Ok(n) = v.parse::<u64>() {
+        return Some(n);
+    }
+    let f: f64 = v.parse().ok()?;
+    (f >= 0.0 && f.fract() == 0.0 && f < 2f64.powi(63)).then_some(f as u64)
+}
+
+/// The last run of digits in the file name (`iter_1000.safetensors` → 1000,
+/// `checkpoint-4.pth.tar` → 4, `model_0001000.pth` → 1000).
+pub fn step_from_file_name(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    let name = strip_known_extensions(name);
+    let bytes = name.as_bytes();
+    let end = bytes.iter().rposition(|b| b.is_ascii_digit())? + 1;
+    let start = bytes[..end]
+        .iter()
+        .rposition(|b| !b.is_ascii_digit())
+        .map_or(0, |i| i + 1);
+    name[start..end].parse().ok()
+}
+
+/// `epoch_12.pth.tar` → `epoch_12`; keeps names without a known extension as they are.
+pub fn strip_known_extensions(name: &str) -> &str {
+    const EXTS: [&str; 8] = [
+        ".safetensors.index.json",
+        ".bin.index.json",
+        ".safetensors",
+        ".pth.tar",
+        ".pth",
+        ".pt",
+        ".bin",
+        ".ckpt",
+    ];
+    for e in EXTS {
+        if let Some(stem) = name.strip_suffix(e) {
+            return stem;
+        }
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_from_names() {
+        let s = |n: &str| step_from_file_name(Path::new(n));
+        assert_eq!(s("iter_1000.safetensors"), Some(1000));
+        assert_eq!(s("dir_7/epoch_12.pth"), Some(12));
+        assert_eq!(s("checkpoint-4.pth.tar"), Some(4));
+        assert_eq!(s("model_0001000.pth"), Some(1000));
+        assert_eq!(s("model.safetensors"), None);
+        assert_eq!(s("v2_step300_final.ckpt"), Some(300));
+    }
+
+    #[test]
+    fn step_values() {
+        assert_eq!(parse_step_value("12"), Some(12));
+        assert_eq!(parse_step_value("12.0"), Some(12));
+        assert_eq!(parse_step_value("12.5"), None);
+        assert_eq!(parse_step_value("-3"), None);
+        assert_eq!(parse_step_value("abc"), None);
+    }
+}

@@ -1,0 +1,294 @@
+//! The command line: clap types only. Doc comments are the help text and the man pages.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::dtype::DType;
+use crate::fold::Device;
+use crate::layout::{Layout, Side};
+use crate::plan::{Order, Strategy};
+
+/// Offline exponential moving average and SWA of PyTorch checkpoints, and EMA/raw weight
+/// management inside a checkpoint.
+///
+/// ema-tool folds a series of saved checkpoints into the average an OpenMMLab EMA hook
+/// (mmengine, mmcv, mmdet) or mmengine's StochasticWeightAverage would have computed during
+/// training, exactly, in one read of the inputs. It also swaps the EMA and raw weights that
+/// hooks leave in a checkpoint and extracts deployable weights.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ema-tool",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+#[command(
+    after_help = "Exit status: 0 success, 1 failure (bad input, mismatch, I/O), 2 usage error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fold a series of checkpoints into an exponential moving average.
+    ///
+    /// Inputs are ordered by step (metadata, or the last number in the file name), weights are
+    /// computed from the strategy, and every input is read once. Floating-point tensors are
+    /// averaged in at least f32 precision; integer and bool tensors are copied from the last
+    /// checkpoint. Use --dry-run to see the plan.
+    Ema(EmaArgs),
+    /// Fold a series of checkpoints into a stochastic weight average (mmengine
+    /// StochasticWeightAverage: the mean of the inputs taken every --interval).
+    Swa(SwaArgs),
+    /// Exchange the EMA and raw weights inside a checkpoint, or extract deployable weights.
+    ///
+    /// Layouts: mmengine (state_dict.<n> / ema_state_dict.module.<n>), mmcv
+    /// ([state_dict.]<n> / [state_dict.]ema_<n with . → _>), timm (state_dict.<n> /
+    /// state_dict_ema.<n>). Swapping twice gives back the input bit for bit.
+    Swap(SwapArgs),
+    /// Show what a checkpoint holds: format, tensors, dtypes, metadata, step, EMA layout.
+    ///
+    /// Reads headers only, unless --stats asks for values.
+    Inspect(InspectArgs),
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Output options shared by every command that writes a file.
+#[derive(Debug, Args, Clone)]
+pub struct OutputArgs {
+    /// Output file (a `.safetensors` file; `.pth`/`.pt` where supported).
+    #[arg(short, long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+
+    /// Replace the output file if it exists.
+    #[arg(short, long)]
+    pub force: bool,
+
+    /// Dtype of floating-point output tensors (default: each tensor's input dtype).
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub dtype: Option<OutDType>,
+
+    /// Print no progress bar, summary or warnings.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Print a machine-readable JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Fail if any input or output value of a float tensor is NaN or infinite.
+    #[arg(long)]
+    pub check_finite: bool,
+}
+
+/// Options shared by `ema` and `swa`.
+#[derive(Debug, Args, Clone)]
+pub struct FoldArgs {
+    /// Checkpoints to fold (safetensors).
+    #[arg(required = true, value_name = "CKPT")]
+    pub inputs: Vec<PathBuf>,
+
+    #[command(flatten)]
+    pub out: OutputArgs,
+
+    /// Update every INTERVAL-th step (mmengine/mmcv `interval`).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub interval: u64,
+
+    /// Treat momentum as per training iteration: x_k holds over the iterations between the
+    /// steps of x_{k-1} and x_k, and the schedule is applied at every one of them.
+    #[arg(long)]
+    pub per_iter: bool,
+
+    /// Copy buffers (see --buffer-pattern) from the last checkpoint instead of averaging them
+    /// (mmengine update_buffers=False, mmdet skip_buffers=True).
+    #[arg(long)]
+    pub skip_buffers: bool,
+
+    /// Glob of buffer names for --skip-buffers (repeatable).
+    #[arg(
+        long,
+        value_name = "GLOB",
+        default_values_t = ["*.running_mean".to_string(), "*.running_var".to_string(), "*.num_batches_tracked".to_string()]
+    )]
+    pub buffer_pattern: Vec<String>,
+
+    /// Only output tensors whose names match GLOB (repeatable; `*` matches any characters).
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+
+    /// Leave out tensors whose names match GLOB (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+
+    /// How to order the inputs.
+    #[arg(long, value_enum, default_value_t = Order::Auto)]
+    pub order: Order,
+
+    /// Print the plan (order, steps, weights) and write nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+
+    /// Device that folds: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: Device,
+
+    /// Worker threads (default: one per core).
+    #[arg(long, short = 'j', value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct EmaArgs {
+    /// Averaging strategy; the OpenMMLab class names are accepted too.
+    #[arg(long, short = 's', value_enum, default_value_t = Strategy::Exponential)]
+    pub strategy: Strategy,
+
+    /// Weight of the newer checkpoint in each update (mmengine convention) [default: 0.0002].
+    #[arg(long, short = 'm', conflicts_with = "decay", value_name = "M")]
+    pub momentum: Option<f64>,
+
+    /// Decay of the average (timm/torch convention): momentum = 1 - DECAY.
+    #[arg(long, value_name = "D")]
+    pub decay: Option<f64>,
+
+    /// `annealing`: momentum = max(momentum, gamma / (gamma + k)).
+    #[arg(long, default_value_t = 100.0, value_name = "G")]
+    pub gamma: f64,
+
+    /// `mmcv`, `linear-momentum`: warm-up iterations of the momentum.
+    #[arg(long, default_value_t = 100.0, value_name = "N")]
+    pub warm_up: f64,
+
+    /// `exp-momentum`: iterations over which the momentum decays.
+    #[arg(long, default_value_t = 2000.0, value_name = "N")]
+    pub total_iter: f64,
+
+    #[command(flatten)]
+    pub fold: FoldArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SwaArgs {
+    #[command(flatten)]
+    pub fold: FoldArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SwapArgs {
+    /// The checkpoint.
+    #[arg(value_name = "CKPT")]
+    pub input: PathBuf,
+
+    #[command(flatten)]
+    pub out: OutputArgs,
+
+    /// Write only the EMA weights, under the model's own names, as a plain state dict.
+    #[arg(long, short = 'd')]
+    pub deploy: bool,
+
+    /// With --deploy: write the raw (non-EMA) weights instead.
+    #[arg(long, requires = "deploy")]
+    pub raw: bool,
+
+    /// Which side holds the EMA weights (default: from the file's ema-tool metadata, else
+    /// mmengine → model, mmcv → model, timm → shadow).
+    #[arg(long, value_enum)]
+    pub ema_on: Option<Side>,
+
+    /// Layout of the EMA/raw pair (default: detected).
+    #[arg(long, value_enum)]
+    pub layout: Option<Layout>,
+
+    /// Prefix stripped from deployed names (repeatable) [default: module.].
+    #[arg(long, value_name = "P")]
+    pub strip_prefix: Vec<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct InspectArgs {
+    /// Checkpoints to inspect.
+    #[arg(required = true, value_name = "CKPT")]
+    pub inputs: Vec<PathBuf>,
+
+    /// List every tensor: name, dtype, shape, bytes.
+    #[arg(long, short = 't')]
+    pub tensors: bool,
+
+    /// Read values: min, max, mean, std and NaN/Inf counts per tensor.
+    #[arg(long)]
+    pub stats: bool,
+
+    /// Print one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Dtypes a floating-point output can be written as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutDType {
+    F32,
+    F16,
+    Bf16,
+    F64,
+}
+
+impl From<OutDType> for DType {
+    fn from(d: OutDType) -> DType {
+        match d {
+            OutDType::F32 => DType::F32,
+            OutDType::F16 => DType::F16,
+            OutDType::Bf16 => DType::BF16,
+            OutDType::F64 => DType::F64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn strategy_aliases_parse() {
+        let cli = Cli::try_parse_from([
+            "ema-tool",
+            "ema",
+            "--strategy",
+            "MomentumAnnealingEMA",
+            "a.safetensors",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Ema(a) => assert_eq!(a.strategy, Strategy::Annealing),
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn momentum_and_decay_conflict() {
+        let r = Cli::try_parse_from([
+            "ema-tool",
+            "ema",
+            "--momentum",
+            "0.1",
+            "--decay",
+            "0.9",
+            "a",
+        ]);
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,235 @@
+//! `ema-tool inspect`: what a checkpoint holds, from its header alone unless `--stats`.
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::{human_bytes, print_json};
+use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::cli::InspectArgs;
+use crate::error::Result;
+use crate::fold::kernels::decode;
+use crate::layout;
+
+/// Value statistics of one tensor.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Stats {
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub mean: Option<f64>,
+    pub std: Option<f64>,
+    pub nan: u64,
+    pub inf: u64,
+}
+
+/// Elements per read while computing statistics.
+const STATS_CHUNK: u64 = 64 * 1024;
+
+/// Reads tensor `t` of `c` and computes its statistics over the finite values.
+pub fn tensor_stats(c: &Checkpoint, t: &TensorInfo) -> Result<Stats> {
+    let size = t.dtype.size() as u64;
+    let n = t.numel();
+    let mut raw = Vec::new();
+    let mut vals = Vec::new();
+    let (mut count, mut mean, mut m2) = (0u64, 0.0f64, 0.0f64);
+    let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+    let mut s = Stats::default();
+    let mut start = 0;
+    while start < n {
+        let len = STATS_CHUNK.min(n - start);
+        raw.resize((len * size) as usize, 0);
+        vals.resize(len as usize, 0.0);
+        c.read_at(t, start * size, &mut raw)?;
+        decode(t.dtype, &raw, &mut vals);
+        for &v in &vals {
+            if v.is_nan() {
+                s.nan += 1;
+            } else if v.is_infinite() {
+                s.inf += 1;
+            } else {
+                // Welford's update: stable for large tensors.
+                count += 1;
+                let d = v - mean;
+                mean += d / count as f64;
+                m2 += d * (v - mean);
+                min = min.min(v);
+                max = max.max(v);
+            }
+        }
+        start += len;
+    }
+    if count > 0 {
+        s.min = Some(min);
+        s.max = Some(max);
+        s.mean = Some(mean);
+        s.std = Some(if count > 1 {
+            (m2 / (count - 1) as f64).sqrt()
+        } else {
+            0.0
+        });
+    }
+    Ok(s)
+}
+
+/// The description of one checkpoint, as JSON (the `files[]` entries of `--json`).
+pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
+    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    for t in &c.tensors {
+        *dtypes.entry(t.dtype.to_string()).or_default() += 1;
+    }
+    let parameters: u64 = c.tensors.iter().map(TensorInfo::numel).sum();
+    let layout = layout::detect(c).map(|p| {
+        json!({
+            "name": p.layout,
+            "pairs": p.pairs.len(),
+            "ema_on": p.ema_side(c, None),
+            "model_prefix": p.model_prefix,
+            "pair_names": p.pairs.iter().map(|x| json!([c.tensors[x.model].name, c.tensors[x.shadow].name])).collect::<Vec<_>>(),
+        })
+    });
+    let mut v = json!({
+        "path": c.path,
+        "format": c.format,
+        "tensors": c.tensors.len(),
+        "parameters": parameters,
+        "bytes": c.total_bytes(),
+        "file_bytes": c.files.iter().map(|f| f.len).sum::<u64>(),
+        "dtypes": dtypes,
+        "metadata": c.metadata,
+        "step": c.step,
+        "step_source": c.step_source,
+        "layout": layout,
+        "skipped": c.skipped,
+    });
+    if tensors || stats {
+        let stats_list: Vec<Option<Stats>> = if stats {
+            c.tensors
+                .par_iter()
+                .map(|t| tensor_stats(c, t).map(Some))
+                .collect::<Result<_>>()?
+        } else {
+            vec![None; c.tensors.len()]
+        };
+        v["tensor_list"] = c
+            .tensors
+            .iter()
+            .zip(stats_list)
+            .map(|(t, s)| {
+                let mut e = json!({
+                    "name": t.name,
+                    "dtype": t.dtype.to_string(),
+                    "shape": t.shape,
+                    "bytes": t.len,
+                });
+                if let Some(s) = s {
+                    e["stats"] = json!(s);
+                }
+                e
+            })
+            .collect();
+    }
+    Ok(v)
+}
+
+/// Runs `inspect`.
+pub fn run(args: &InspectArgs) -> Result<()> {
+    let mut files = Vec::new();
+    for p in &args.inputs {
+        let c = Checkpoint::open(p)?;
+        let d = describe(&c, args.tensors, args.stats)?;
+        if !args.json {
+            print_human(&d);
+        }
+        files.push(d);
+    }
+    if args.json {
+        print_json(&json!({ "version": super::VERSION, "files": files }))?;
+    }
+    Ok(())
+}
+
+fn print_human(d: &Value) {
+    let s = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    println!("{}", s(&d["path"]));
+    println!("  format      {}", s(&d["format"]));
+    println!(
+        "  tensors     {} ({} parameters, {})",
+        d["tensors"],
+        d["parameters"],
+        human_bytes(d["bytes"].as_u64().unwrap_or(0))
+    );
+    let dtypes: Vec<String> = d["dtypes"]
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| format!("{k} {v}")).collect())
+        .unwrap_or_default();
+    println!("  dtypes      {}", dtypes.join(", "));
+    match (&d["step"], &d["step_source"]) {
+        (Value::Null, _) => println!("  step        -"),
+        (step, Value::Object(src)) => {
+            let from = src
+                .get("metadata")
+                .map(|k| format!("metadata `{}`", s(k)))
+                .unwrap_or_default();
+            println!("  step        {step} ({from})");
+        }
+        (step, src) => println!("  step        {step} ({})", s(src).replace('_', " ")),
+    }
+    if let Some(m) = d["metadata"].as_object() {
+        for (k, v) in m {
+            let v = s(v);
+            let v = if v.chars().count() > 80 {
+                format!("{}…", v.chars().take(77).collect::<String>())
+            } else {
+                v
+            };
+            println!("  metadata    {k} = {v}");
+        }
+    }
+    match &d["layout"] {
+        Value::Null => println!("  layout      no EMA/raw pairs"),
+        l => println!(
+            "  layout      {}: {} pairs, EMA on the {} side",
+            s(&l["name"]),
+            l["pairs"],
+            s(&l["ema_on"])
+        ),
+    }
+    if let Some(skipped) = d["skipped"].as_array() {
+        for e in skipped {
+            println!("  skipped     {} ({})", s(&e["name"]), s(&e["kind"]));
+        }
+    }
+    if let Some(list) = d["tensor_list"].as_array() {
+        for t in list {
+            let shape: Vec<String> = t["shape"]
+                .as_array()
+                .map(|a| a.iter().map(|x| x.to_string()).collect())
+                .unwrap_or_default();
+            let mut line = format!(
+                "    {:<48} {:<5} [{}] {}",
+                s(&t["name"]),
+                s(&t["dtype"]),
+                shape.join(", "),
+                human_bytes(t["bytes"].as_u64().unwrap_or(0))
+            );
+            if let Some(st) = t.get("stats") {
+                let f = |k: &str| st[k].as_f64().map_or("-".into(), |x| format!("{x:.6e}"));
+                line.push_str(&format!(
+                    "  min {} max {} mean {} std {} nan {} inf {}",
+                    f("min"),
+                    f("max"),
+                    f("mean"),
+                    f("std"),
+                    st["nan"],
+                    st["inf"]
+                ));
+            }
+            println!("{line}");
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! The plan of a fold: the order of the inputs, their steps, and the weight each one gets.
+//!
+//! Every strategy of SPEC §3 is a sequence of updates `avg = lerp(avg, x_k, m)`, which is linear,
+//! so the result is `Σ w_k x_k` with weights that depend only on the schedule. The weights are
+//! computed here, in f64, once; the fold then reads every input once.
+
+use std::cmp::Ordering;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// A weighting strategy (SPEC §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// mmengine `ExponentialMovingAverage`: m_k = momentum.
+    #[value(alias = "ExponentialMovingAverage")]
+    Exponential,
+    /// mmengine `MomentumAnnealingEMA`: m_k = max(momentum, gamma / (gamma + k)).
+    #[value(alias = "MomentumAnnealingEMA")]
+    Annealing,
+    /// mmcv `EMAHook`: updates when it % interval == 0, m = min(momentum^interval,
+    /// (1+it)/(warm_up+it)).
+    #[value(alias = "EMAHook")]
+    Mmcv,
+    /// mmdet `ExpMomentumEMAHook`: updates when (it+1) % interval == 0,
+    /// m = (1 − momentum)·exp(−(1+it)/total_iter) + momentum.
+    #[value(alias = "ExpMomentumEMAHook")]
+    ExpMomentum,
+    /// mmdet `LinearMomentumEMAHook`: updates when (it+1) % interval == 0,
+    /// m = min(momentum^interval, (1+it)/(warm_up+it)).
+    #[value(alias = "LinearMomentumEMAHook")]
+    LinearMomentum,
+    /// mmengine `StochasticWeightAverage`: m_k = 1 / (k // interval + 1).
+    #[value(alias = "StochasticWeightAverage")]
+    Swa,
+}
+
+impl Strategy {
+    /// The OpenMMLab class this strategy reproduces.
+    pub fn reference_name(self) -> &'static str {
+        match self {
+            Strategy::Exponential => "ExponentialMovingAverage",
+            Strategy::Annealing => "MomentumAnnealingEMA",
+            Strategy::Mmcv => "EMAHook",
+            Strategy::ExpMomentum => "ExpMomentumEMAHook",
+            Strategy::LinearMomentum => "LinearMomentumEMAHook",
+            Strategy::Swa => "StochasticWeightAverage",
+        }
+    }
+
+    /// Whether the strategy is one of the 1.x hooks, whose x_k is the model after training
+    /// iteration `it = k − 1`.
+    pub fn is_hook(self) -> bool {
+        matches!(
+            self,
+            Strategy::Mmcv | Strategy::ExpMomentum | Strategy::LinearMomentum
+        )
+    }
+}
+
+/// A strategy with its parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Schedule {
+    pub strategy: Strategy,
+    /// Weight of the newer model in one update (mmengine's convention). Unused by `swa`.
+    pub momentum: f64,
+    pub interval: u64,
+    pub gamma: f64,
+    pub warm_up: f64,
+    pub total_iter: f64,
+}
+
+/// Largest number of schedule evaluations a `--per-iter` plan may take.
+pub const MAX_ITERATIONS: u64 = 1 << 32;
+
+impl Schedule {
+    /// Checks parameter ranges; errors are usage errors.
+    pub fn validate(&self) -> Result<()> {
+        if self.interval == 0 {
+            return Err(Error::usage("--interval must be at least 1"));
+        }
+        if self.strategy != Strategy::Swa && !(self.momentum > 0.0 && self.momentum < 1.0) {
+            return Err(Error::usage(format!(
+                "momentum must be in (0, 1), got {} (with --decay D, momentum is 1 - D)",
+                self.momentum
+            )));
+        }
+        if self.strategy == Strategy::Annealing && (self.gamma.is_nan() || self.gamma <= 0.0) {
+            return Err(Error::usage(format!(
+                "--gamma must be greater than 0, got {}",
+                self.gamma
+            )));
+        }
+        if matches!(self.strategy, Strategy::Mmcv | Strategy::LinearMomentum)
+            && (self.warm_up.is_nan() || self.warm_up < 0.0)
+        {
+            return Err(Error::usage(format!(
+                "--warm-up must be at least 0, got {}",
+                self.warm_up
+            )));
+        }
+        if self.strategy == Strategy::ExpMomentum
+            && (self.total_iter.is_nan() || self.total_iter <= 0.0)
+        {
+            return Err(Error::usage(format!(
+                "--total-iter must be greater than 0, got {}",
+                self.total_iter
+            )));
+        }
+        Ok(())
+    }
+
+    /// The momentum of update index `k` (k ≥ 1), or `None` when no update happens there.
+    ///
+    /// For the mmengine family `k` is the averaged model's step count; for the hooks, the
+    /// training iteration is `it = k − 1`.
+    pub fn momentum_at(&self, k: u64) -> Option<f64> {
+        let m = self.momentum;
+        let iv = self.interval;
+        match self.strategy {
+            Strategy::Exponential => (k % iv == 0).then_some(m),
+            Strategy::Annealing => {
+                (k % iv == 0).then(|| m.max(self.gamma / (self.gamma + k as f64)))
+            }
+            Strategy::Swa => (k % iv == 0).then(|| 1.0 / ((k / iv) as f64 + 1.0)),
+            Strategy::Mmcv => {
+                let it = k - 1;
+                (it % iv == 0).then(|| warm_momentum(m, iv, self.warm_up, it))
+            }
+            Strategy::LinearMomentum => {
+                let it = k - 1;
+                ((it + 1) % iv == 0).then(|| warm_momentum(m, iv, self.warm_up, it))
+            }
+            Strategy::ExpMomentum => {
+                let it = k - 1;
+                ((it + 1) % iv == 0)
+                    .then(|| (1.0 - m) * (-((1 + it) as f64) / self.total_iter).exp() + m)
+            }
+        }
+    }
+
+    /// Per-input weights of the fold over inputs at `steps` (one per input, in fold order).
+    ///
+    /// `steps = None` is one update per input (x_k at update k). With steps (`--per-iter`),
+    /// x_k holds over the iterations (s_{k−1}, s_k] and the schedule is evaluated at each; the
+    /// update index is `j − s_0` for the mmengine family (the averaged model starts at the
+    /// first input) and the absolute iteration `j` for the hooks (`it = j − 1`).
+    pub fn weights(&self, n: usize, steps: Option<&[u64]>) -> Result<Vec<f64>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let owned: Vec<u64>;
+        let steps = match steps {
+            Some(s) => {
+                check_steps(s)?;
+                s
+            }
+            None => {
+                owned = (0..n as u64).collect();
+                &owned
+            }
+        };
+        assert_eq!(steps.len(), n);
+        let base = if self.strategy.is_hook() { 0 } else { steps[0] };
+        let mut w = vec![0.0f64; n];
+        w[0] = 1.0;
+        for k in 1..n {
+            // log of Π (1 − m_j) over the updates of the gap, for accuracy with tiny momenta.
+            let mut log_keep = 0.0f64;
+            for j in steps[k - 1] + 1..=steps[k] {
+                if let Some(m) = self.momentum_at(j - base) {
+                    log_keep += (-m).ln_1p();
+                }
+            }
+            let keep = log_keep.exp();
+            for wi in &mut w[..k] {
+                *wi *= keep;
+            }
+            w[k] = -log_keep.exp_m1();
+        }
+        Ok(w)
+    }
+}
+
+fn warm_momentum(m: f64, interval: u64, warm_up: f64, it: u64) -> f64 {
+    let mi = m.powi(interval.min(i32::MAX as u64) as i32);
+    let warm = (1.0 + it as f64) / (warm_up + it as f64);
+    // min() as Python's: NaN (0/0 for warm_up = 0, it = 0) loses to the other operand.
+    if warm.is_nan() {
+        mi
+    } else {
+        mi.min(warm)
+    }
+}
+
+/// Steps must increase strictly and span at most [`MAX_ITERATIONS`].
+fn check_steps(steps: &[u64]) -> Result<()> {
+    for w in steps.windows(2) {
+        if w[1] <= w[0] {
+            return Err(Error::usage(format!(
+                "--per-iter needs strictly increasing steps, got {} then {}",
+                w[0], w[1]
+            )));
+        }
+    }
+    if let (Some(first), Some(last)) = (steps.first(), steps.last()) {
+        if last - first > MAX_ITERATIONS {
+            return Err(Error::usage(format!(
+                "--per-iter over {} iterations is more than the {MAX_ITERATIONS} supported",
+                last - first
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// How inputs are ordered (SPEC §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// By step when every input has one, otherwise as given.
+    Auto,
+    /// As given on the command line.
+    Given,
+    /// Natural sort of the file names (`iter_200` before `iter_1000`).
+    Name,
+    /// By step; an input without a step is an error.
+    Step,
+}
+
+/// What [`order_inputs`] decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputOrder {
+    /// Permutation: position i of the fold takes input `perm[i]`.
+    pub perm: Vec<usize>,
+    /// What was used (`step`, `given` or `name`).
+    pub used: Order,
+    /// A warning for the user, when the order is doubtful.
+    pub warning: Option<String>,
+}
+
+/// Orders inputs given their paths and steps.
+pub fn order_inputs(order: Order, paths: &[&Path], steps: &[Option<u64>]) -> Result<InputOrder> {
+    let n = paths.len();
+    let given: Vec<usize> = (0..n).collect();
+    let by_name = || {
+        let mut p = given.clone();
+        p.sort_by(|&a, &b| natural_cmp(&paths[a].to_string_lossy(), &paths[b].to_string_lossy()));
+        p
+    };
+    let by_step = || {
+        let mut p = given.clone();
+        p.sort_by_key(|&i| steps[i]);
+        p
+    };
+    let all_steps = steps.iter().all(Option::is_some);
+    let (perm, used, mut warning) = match order {
+        Order::Given => (given.clone(), Order::Given, None),
+        Order::Name => (by_name(), Order::Name, None),
+        Order::Step => {
+            if let Some(i) = steps.iter().position(Option::is_none) {
+                return Err(Error::format(
+                    paths[i],
+                    "has no step (no step metadata and no number in the file name); \
+                     --order step needs one for every input",
+                ));
+            }
+            (by_step(), Order::Step, None)
+        }
+        Order::Auto if all_steps => (by_step(), Order::Step, None),
+        Order::Auto => {
+            let name = by_name();
+            let warning = (name != given).then(|| {
+                "not every input has a step, so inputs are folded in the order given, which \
+                 differs from file-name order; pass --order name or --order given to choose"
+                    .to_string()
+            });
+            (given.clone(), Order::Given, warning)
+        }
+    };
+    if used == Order::Step {
+        let mut seen = std::collections::HashMap::new();
+        for &i in &perm {
+            if let Some(prev) = seen.insert(steps[i], i) {
+                warning = Some(format!(
+                    "{} and {} have the same step {}; they keep the order given",
+                    paths[prev].display(),
+                    paths[i].display(),
+                    steps[i].unwrap_or(0)
+                ));
+                break;
+            }
+        }
+    }
+    Ok(InputOrder {
+        perm,
+        used,
+        warning,
+    })
+}
+
+/// Natural order: runs of digits compare as numbers (`iter_200` < `iter_1000`).
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return Ordering::Equal,
+            (None, _) => return Ordering::Less,
+            (_, None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let da = a.iter().take_while(|c| c.is_ascii_digit()).count();
+                let db = b.iter().take_while(|c| c.is_ascii_digit()).count();
+                let (na, nb) = (trim_zeros(&a[..da]), trim_zeros(&b[..db]));
+                let ord = na.len().cmp(&nb.len()).then_with(|| na.cmp(nb));
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+                a = &a[da..];
+                b = &b[db..];
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(y);
+                }
+                a = &a[1..];
+                b = &b[1..];
+            }
+        }
+    }
+}
+
+fn trim_zeros(d: &[u8]) -> &[u8] {
+    let i = d.iter().position(|&c| c != b'0').unwrap_or(d.len());
+    &d[i..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(strategy: Strategy, momentum: f64, interval: u64) -> Schedule {
+        Schedule {
+            strategy,
+            momentum,
+            interval,
+            gamma: 100.0,
+            warm_up: 100.0,
+            total_iter: 2000.0,
+        }
+    }
+
+    /// The reference: sequential lerps on per-input indicator vectors.
+    fn sequential(s: &Schedule, n: usize) -> Vec<f64> {
+        let mut avg = vec![0.0; n];
+        avg[0] = 1.0;
+        for k in 1..n {
+            if let Some(m) = s.momentum_at(k as u64) {
+                for (i, a) in avg.iter_mut().enumerate() {
+                    let x = if i == k { 1.0 } else { 0.0 };
+                    *a += m * (x - *a);
+                }
+            }
+        }
+        avg
+    }
+
+    #[test]
+    fn weights_equal_sequential_lerps() {
+        for st in [
+            Strategy::Exponential,
+            Strategy::Annealing,
+            Strategy::Mmcv,
+            Strategy::ExpMomentum,
+            Strategy::LinearMomentum,
+            Strategy::Swa,
+        ] {
+            for iv in [1, 2, 3] {
+                let s = sched(st, 0.3, iv);
+                let w = s.weights(9, None).unwrap();
+                let r = sequential(&s, 9);
+                for (a, b) in w.iter().zip(&r) {
+                    assert!(
+                        (a - b).abs() < 1e-12,
+                        "{st:?} interval {iv}: {w:?} vs {r:?}"
+                    );
+                }
+                assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+            }
+        }
+    }
+
+    #[test]
+    fn hand_computed_weights() {
+        // exponential, momentum 0.5, 3 inputs: ((x0+x1)/2 + x2)/2.
+        let w = sched(Strategy::Exponential, 0.5, 1)
+            .weights(3, None)
+            .unwrap();
+        assert_eq!(w, vec![0.25, 0.25, 0.5]);
+        // swa is the plain mean.
+        let w = sched(Strategy::Swa, 0.5, 1).weights(4, None).unwrap();
+        for x in w {
+            assert!((x - 0.25).abs() < 1e-15);
+        }
+        // swa, interval 2: updates at k = 2 (m = 1/2) and k = 4 (m = 1/3); x1, x3 unused.
+        let w = sched(Strategy::Swa, 0.5, 2).weights(5, None).unwrap();
+        let want = [1.0 / 3.0, 0.0, 1.0 / 3.0, 0.0, 1.0 / 3.0];
+        for (a, b) in w.iter().zip(want) {
+            assert!((a - b).abs() < 1e-15, "{w:?}");
+        }
+        // mmcv with warm_up 100: first update at it = 0 has m = min(0.3, 1/100).
+        let w = sched(Strategy::Mmcv, 0.3, 1).weights(2, None).unwrap();
+        assert!((w[1] - 0.01).abs() < 1e-15);
+    }
+
+    #[test]
+    fn per_iter_with_unit_gaps_is_the_plain_fold() {
+        for st in [
+            Strategy::Exponential,
+            Strategy::Annealing,
+            Strategy::Mmcv,
+            Strategy::Swa,
+        ] {
+            let s = sched(st, 0.2, 2);
+            let plain = s.weights(6, None).unwrap();
+            let steps: Vec<u64> = (0..6).collect();
+            let per = s.weights(6, Some(&steps)).unwrap();
+            for (a, b) in plain.iter().zip(&per) {
+                assert!((a - b).abs() < 1e-14);
+            }
+        }
+    }
+
+    #[test]
+    fn per_iter_swa_is_proportional_to_gaps() {
+        let s = sched(Strategy::Swa, 0.5, 1);
+        let w = s.weights(3, Some(&[100, 200, 500])).unwrap();
+        let want = [1.0 / 401.0, 100.0 / 401.0, 300.0 / 401.0];
+        for (a, b) in w.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn per_iter_exponential_compounds() {
+        let s = sched(Strategy::Exponential, 0.001, 1);
+        let w = s.weights(2, Some(&[0, 1000])).unwrap();
+        let keep = 0.999f64.powi(1000);
+        assert!((w[0] - keep).abs() < 1e-12);
+        assert!((w[1] - (1.0 - keep)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_steps_are_refused() {
+        let s = sched(Strategy::Exponential, 0.1, 1);
+        assert!(s.weights(2, Some(&[5, 5])).is_err());
+        assert!(s.weights(2, Some(&[0, u64::MAX])).is_err());
+    }
+
+    #[test]
+    fn natural_order() {
+        let mut v = vec!["iter_1000", "iter_200", "iter_30", "iter_0200b", "a"];
+        v.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            v,
+            vec!["a", "iter_30", "iter_200", "iter_0200b", "iter_1000"]
+        );
+    }
+
+    #[test]
+    fn auto_order_uses_steps_when_all_have_one() {
+        let p = [Path::new("iter_1000"), Path::new("iter_200")];
+        let o = order_inputs(Order::Auto, &p, &[Some(1000), Some(200)]).unwrap();
+        assert_eq!(o.perm, vec![1, 0]);
+        assert_eq!(o.used, Order::Step);
+        let o = order_inputs(Order::Auto, &p, &[Some(1000), None]).unwrap();
+        assert_eq!(o.perm, vec![0, 1]);
+        assert!(o.warning.is_some());
+        assert!(order_inputs(Order::Step, &p, &[Some(1), None]).is_err());
+    }
+}
