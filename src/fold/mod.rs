@@ -55,6 +55,12 @@ impl Job {
 /// `i`'s data. Called from many threads at once, for disjoint ranges.
 pub trait Sink: Sync {
     fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()>;
+
+    /// The file being written, to remove if the process has to exit abruptly (an input
+    /// truncated while mapped).
+    fn temp_path(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
 /// The device that folds.
@@ -145,7 +151,21 @@ pub fn execute(
         c.check_unchanged()?;
     }
     let result = match device {
-        Device::Cpu => cpu::execute(ckpts, jobs, sink, checks, progress),
+        Device::Cpu => {
+            let mapped = std::env::var("EMA_TOOL_MAPPED_INPUTS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(cpu::MAPPED_INPUTS);
+            cpu::execute(
+                ckpts,
+                jobs,
+                sink,
+                checks,
+                progress,
+                mapped,
+                sink.temp_path(),
+            )
+        }
         Device::Cuda(n) => cuda::execute(n, ckpts, jobs, sink, checks, progress),
     };
     progress.finish();
