@@ -4,10 +4,10 @@
 //! Data is little-endian, as in every checkpoint format we read.
 //!
 //! The loops are written so that the compiler vectorizes them (conversions with selects, not
-//! branches). On x86-64, [`fold_into`] runs a copy of them compiled for AVX2 when the CPU has
-//! it: the f64 arithmetic is twice as wide as with the baseline SSE2. Both copies perform the
-//! same IEEE operations in the same order (no FMA: multiply and add round separately), so they
-//! give the same bits.
+//! branches). On x86-64, [`fold_into`] runs a copy of them compiled for AVX-512 or AVX2 when
+//! the CPU has it: the f64 arithmetic is four or two times as wide as with the baseline SSE2.
+//! Every copy performs the same IEEE operations in the same order (Rust never fuses a multiply
+//! and an add into an FMA), so they give the same bits.
 
 use half::{bf16, f16};
 
@@ -70,14 +70,71 @@ pub fn fold_into(
     inputs: &[&[u8]],
     out_dtype: DType,
     out: &mut [u8],
-    check: impl FnMut(&[f64]),
+    mut check: impl FnMut(&[f64]),
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: `fold_into_avx2` only needs the CPU to have AVX2, checked just above.
-        unsafe { fold_into_avx2(dtypes, weights, inputs, out_dtype, out, check) };
-        return;
+    {
+        if fold_into_avx512_if_available(dtypes, weights, inputs, out_dtype, out, &mut check) {
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: `fold_into_avx2` only needs the CPU to have AVX2, checked just above.
+            unsafe { fold_into_avx2(dtypes, weights, inputs, out_dtype, out, check) };
+            return;
+        }
     }
+    fold_into_impl(dtypes, weights, inputs, out_dtype, out, check)
+}
+
+/// Runs [`fold_into_impl`] compiled for AVX-512 (eight f64 per operation) when the CPU has it;
+/// returns whether it ran. The fold of 8 × 256 MB bf16 checkpoints took 0.32 s of CPU instead
+/// of 0.48 s with AVX2 (f32: 0.17 s instead of 0.19 s, bound by memory). AVX-512 code needs
+/// Rust 1.89; older compilers build without it.
+#[cfg(target_arch = "x86_64")]
+#[rustversion::since(1.89)]
+fn fold_into_avx512_if_available(
+    dtypes: &[DType],
+    weights: &[f64],
+    inputs: &[&[u8]],
+    out_dtype: DType,
+    out: &mut [u8],
+    check: impl FnMut(&[f64]),
+) -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    if !(has!("avx512f") && has!("avx512bw") && has!("avx512vl")) {
+        return false;
+    }
+    // SAFETY: `fold_into_avx512` needs these features, checked just above.
+    unsafe { fold_into_avx512(dtypes, weights, inputs, out_dtype, out, check) };
+    true
+}
+
+/// Without Rust 1.89, no AVX-512 copy.
+#[cfg(target_arch = "x86_64")]
+#[rustversion::before(1.89)]
+fn fold_into_avx512_if_available(
+    _: &[DType],
+    _: &[f64],
+    _: &[&[u8]],
+    _: DType,
+    _: &mut [u8],
+    _: impl FnMut(&[f64]),
+) -> bool {
+    false
+}
+
+/// [`fold_into_impl`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[rustversion::since(1.89)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn fold_into_avx512(
+    dtypes: &[DType],
+    weights: &[f64],
+    inputs: &[&[u8]],
+    out_dtype: DType,
+    out: &mut [u8],
+    check: impl FnMut(&[f64]),
+) {
     fold_into_impl(dtypes, weights, inputs, out_dtype, out, check)
 }
 
@@ -143,9 +200,10 @@ fn f16_bytes_to_f64(b: [u8; 2]) -> f64 {
     f16_to_f32(u16::from_le_bytes(b)) as f64
 }
 
-/// Elements summed at a time through every input by [`fold_block_same`]: two AVX2 registers
-/// of f64.
-const LANES: usize = 16;
+/// Elements summed at a time through every input by [`fold_block_same`]: four AVX-512 (eight
+/// AVX2) registers of f64, independent chains of additions enough to hide their latency (16
+/// lanes left the bf16 fold waiting on it: 0.37 s of CPU instead of 0.32 s).
+const LANES: usize = 32;
 
 /// Folds elements `b .. b + acc.len()` of inputs that all have the `S`-byte dtype that `conv`
 /// decodes: [`LANES`] elements at a time go through every input with their sums in registers,
@@ -686,11 +744,39 @@ mod tests {
                 let inputs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
                 let dtypes = vec![dtype; 5];
                 let weights = [0.1, 0.2, 0.3, 0.15, 0.25];
-                let mut a = vec![0u8; n * dtype.size()];
-                let mut b = vec![1u8; n * dtype.size()];
-                fold_into(&dtypes, &weights, &inputs, dtype, &mut a, |_| {});
-                fold_into_impl(&dtypes, &weights, &inputs, dtype, &mut b, |_| {});
-                assert_eq!(a, b, "{dtype} × {n}");
+                let fold = |f: &dyn Fn(&mut [u8])| {
+                    let mut out = vec![0xAAu8; n * dtype.size()];
+                    f(&mut out);
+                    out
+                };
+                let want = fold(&|o| fold_into_impl(&dtypes, &weights, &inputs, dtype, o, |_| {}));
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use std::arch::is_x86_feature_detected as has;
+                    if has!("avx2") {
+                        // SAFETY: the CPU has AVX2.
+                        let got = fold(&|o| unsafe {
+                            fold_into_avx2(&dtypes, &weights, &inputs, dtype, o, |_| {})
+                        });
+                        assert_eq!(got, want, "AVX2, {dtype} × {n}");
+                    }
+                    // Where the CPU has no AVX-512, nothing to compare.
+                    let got = fold(&|o| {
+                        if !fold_into_avx512_if_available(
+                            &dtypes,
+                            &weights,
+                            &inputs,
+                            dtype,
+                            o,
+                            |_| {},
+                        ) {
+                            o.copy_from_slice(&want);
+                        }
+                    });
+                    assert_eq!(got, want, "AVX-512, {dtype} × {n}");
+                }
+                let got = fold(&|o| fold_into(&dtypes, &weights, &inputs, dtype, o, |_| {}));
+                assert_eq!(got, want, "{dtype} × {n}");
             }
         }
     }
