@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -10,12 +11,40 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = ema_tool::cli::Cli::parse();
+    let cli = match ema_tool::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     match ema_tool::run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("ema-tool: {err}");
             ExitCode::from(err.exit_code() as u8)
+        }
+    }
+}
+
+/// Help and version go to stdout as clap prints them; a usage error becomes one line on stderr
+/// (`ema-tool: <what> (see --help)`) and exit status 2, like every other error.
+fn usage_error(e: clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        _ => {
+            let text = e.render().to_string();
+            // The first paragraph of clap's message, on one line.
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = first.join(" ");
+            eprintln!(
+                "ema-tool: {} (see --help)",
+                first.trim_start_matches("error: ")
+            );
+            ExitCode::from(2)
         }
     }
 }
