@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    raise_open_file_limit();
     let cli = match ema_tool::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -45,6 +46,22 @@ fn usage_error(e: clap::Error) -> ExitCode {
                 first.trim_start_matches("error: ")
             );
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Folding keeps every input open; a run over more than ~1000 checkpoints would hit the
+/// default soft limit of open files, so raise it to the hard limit (as many servers do).
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }
