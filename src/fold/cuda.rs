@@ -13,18 +13,19 @@
 //! h2d stream        copies the slot to device slot p % SLOTS
 //! compute stream    ema_accumulate on it; after a batch's last input, ema_encode
 //! d2h stream        copies the encoded batch to one of two pinned output buffers
-//! issuing thread    queues all of the above, then writes the previous batch to the sink
+//! issuing thread    queues all of the above, without waiting on the device
+//! writer thread     waits for each batch's output and writes it to the sink
 //! ```
 //!
 //! Events order the streams: a copy into a device slot waits for the kernels that read its
 //! previous piece, the kernels wait for their copy, the producer refills a pinned slot once its
-//! copy is done, and an output buffer is reused once the host has written it out. Reading,
-//! copies and kernels of different pieces thus overlap, and the host waits on the device only
-//! for a free slot, which makes the throughput that of the slowest of reading the inputs and
-//! the host-to-device link.
+//! copy is done, and an output buffer is reused once the writer has written it out. Reading,
+//! copies, kernels and writing thus overlap, and only a full pipeline makes a thread wait, so
+//! the throughput is that of the slowest of reading the inputs and the host-to-device link.
 
 use std::ffi::CString;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use cudarc::driver::{
@@ -321,9 +322,11 @@ impl Gpu {
             flow: &flow,
         };
         std::thread::scope(|s| {
+            let (done, written) = mpsc::channel();
             s.spawn(|| run.produce(&pieces, progress));
+            s.spawn(|| run.write(written, sink, checks));
             let _stop = StopOnDrop(&flow);
-            run.issue(&streams, &kernels, sink, checks)
+            run.issue(&streams, &kernels, checks, done)
         })
     }
 }
@@ -403,7 +406,7 @@ impl HostBuf {
     /// # Safety
     /// While the slice lives, no other slice of this buffer may exist and no device copy from
     /// or to it may be in flight.
-    #[allow(clippy::mut_from_ref)]
+    #[allow(clippy::mut_from_ref)] // the pipeline, not the borrow checker, makes it exclusive
     unsafe fn bytes_mut(&self) -> &mut [u8] {
         std::slice::from_raw_parts_mut(self.ptr, self.len)
     }
@@ -539,11 +542,15 @@ struct FlowState {
     issued: usize,
     /// Bytes of the piece in each slot.
     lens: [usize; SLOTS],
-    /// The producer's error.
+    /// Batches written to the sink.
+    written: usize,
+    /// The producer's or the writer's error.
     error: Option<Error>,
     /// The producer has returned (or unwound).
     producer_gone: bool,
-    /// The issuing thread has returned (or unwound): stop producing.
+    /// The writer has returned (or unwound).
+    writer_gone: bool,
+    /// The issuing thread has returned (or unwound): stop producing and writing.
     stopped: bool,
 }
 
@@ -574,6 +581,23 @@ impl Flow {
         }
     }
 
+    /// Waits until `n` batches are written to the sink.
+    fn wait_written(&self, n: usize) -> Result<()> {
+        let mut st = self.lock();
+        loop {
+            if st.written >= n {
+                return Ok(());
+            }
+            if let Some(e) = st.error.take() {
+                return Err(e);
+            }
+            if st.writer_gone {
+                return Err(Error::Cuda("the writing thread stopped".into()));
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Waits until the copy of the piece before `p` in its slot is queued; false: stop.
     fn wait_slot(&self, p: usize) -> bool {
         let mut st = self.lock();
@@ -598,12 +622,20 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-/// Tells the issuing thread that the producer is gone, on every way out of it.
-struct GoneOnDrop<'a>(&'a Flow);
+/// Tells the issuing thread that the producer (`.1` false) or the writer (true) is gone, on
+/// every way out of it.
+struct GoneOnDrop<'a>(&'a Flow, bool);
 
 impl Drop for GoneOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.update(|st| st.producer_gone = true);
+        let writer = self.1;
+        self.0.update(|st| {
+            if writer {
+                st.writer_gone = true;
+            } else {
+                st.producer_gone = true;
+            }
+        });
     }
 }
 
@@ -620,7 +652,7 @@ struct Run<'a> {
 impl Run<'_> {
     /// The producer: reads every piece into its slot, in order.
     fn produce(&self, pieces: &[(usize, usize)], progress: &Progress) {
-        let _gone = GoneOnDrop(self.flow);
+        let _gone = GoneOnDrop(self.flow, false);
         let result = (|| -> Result<()> {
             for (p, &(b, k)) in pieces.iter().enumerate() {
                 let slot = p % SLOTS;
@@ -650,14 +682,14 @@ impl Run<'_> {
         }
     }
 
-    /// The issuing thread: queues copies and kernels for every piece, and writes each batch
-    /// out once the next one is queued.
+    /// The issuing thread: queues copies and kernels for every piece and hands each batch to
+    /// the writer once its output's copy is queued.
     fn issue(
         &self,
         streams: &Streams,
         kernels: &Kernels,
-        sink: &dyn Sink,
         checks: Checks,
+        done: Sender<usize>,
     ) -> Result<()> {
         let (mem, ev) = (self.mem, self.events);
         let ptr = |s: &CudaSlice<u8>| s.device_ptr(&streams.compute).0;
@@ -681,13 +713,15 @@ impl Run<'_> {
                     .h2d
                     .wait(&ev.consumed[slot])
                     .or_cuda("stream wait")?;
-                // SAFETY: the producer wrote the slot's first `len` bytes and leaves them alone
-                // until the copy queued here is done (it waits for `copied[slot]`).
-                let piece = unsafe { &mem.stage[slot].bytes()[..len] };
-                // SAFETY: the device slot holds at least `len` bytes, and the kernels that read
-                // it before are done (the wait on `consumed[slot]` above).
-                unsafe { drv::memcpy_htod_async(raw[slot], piece, streams.h2d.cu_stream()) }
-                    .or_cuda("copy to the device")?;
+                {
+                    // SAFETY: the producer wrote the slot's first `len` bytes and leaves them
+                    // alone until the copy queued here is done (it waits for `copied[slot]`).
+                    let piece = unsafe { &mem.stage[slot].bytes()[..len] };
+                    // SAFETY: the device slot holds at least `len` bytes, and the kernels that
+                    // read it before are done (the wait on `consumed[slot]` above).
+                    unsafe { drv::memcpy_htod_async(raw[slot], piece, streams.h2d.cu_stream()) }
+                        .or_cuda("copy to the device")?;
+                }
                 ev.copied[slot].record(&streams.h2d).or_cuda("event")?;
                 self.flow.update(|st| st.issued = p + 1);
                 streams
@@ -728,21 +762,42 @@ impl Run<'_> {
                     .or_cuda("event")?;
                 p += 1;
             }
+            // The pinned output buffer's previous batch, b - 2, is written out.
+            self.flow.wait_written(b.saturating_sub(1))?;
             streams.d2h.wait(&ev.encoded[side]).or_cuda("stream wait")?;
-            let n = OUT_HEADER + batch.out_bytes as usize;
-            // SAFETY: the host is done with this output buffer: its previous batch was written
-            // out by `finish(b - 2)`, which has returned, and `finish(b)` reads it only after
-            // `downloaded[side]`.
-            let host = unsafe { &mut mem.out_host[side].bytes_mut()[..n] };
-            // SAFETY: the device buffer holds `n` bytes, encoded before `encoded[side]`.
-            unsafe { drv::memcpy_dtoh_async(host, out[side], streams.d2h.cu_stream()) }
-                .or_cuda("copy from the device")?;
+            {
+                let n = OUT_HEADER + batch.out_bytes as usize;
+                // SAFETY: nothing reads the buffer: the writer is done with batch b - 2 and
+                // reads batch b only after `downloaded[side]`, recorded below.
+                let host = unsafe { &mut mem.out_host[side].bytes_mut()[..n] };
+                // SAFETY: the device buffer holds `n` bytes, encoded before `encoded[side]`.
+                unsafe { drv::memcpy_dtoh_async(host, out[side], streams.d2h.cu_stream()) }
+                    .or_cuda("copy from the device")?;
+            }
             ev.downloaded[side].record(&streams.d2h).or_cuda("event")?;
-            if b > 0 {
-                self.finish(b - 1, sink, checks)?;
+            if done.send(b).is_err() {
+                break; // the writer has stopped; wait_written says why
             }
         }
-        self.finish(self.batches.len() - 1, sink, checks)
+        drop(done);
+        self.flow.wait_written(self.batches.len())
+    }
+
+    /// The writer: writes each batch handed over by the issuing thread, in order.
+    fn write(&self, batches: Receiver<usize>, sink: &dyn Sink, checks: Checks) {
+        let _gone = GoneOnDrop(self.flow, true);
+        for b in batches {
+            if self.flow.lock().stopped {
+                return;
+            }
+            match self.finish(b, sink, checks) {
+                Ok(()) => self.flow.update(|st| st.written = b + 1),
+                Err(e) => {
+                    self.flow.update(|st| st.error = Some(e));
+                    return;
+                }
+            }
+        }
     }
 
     /// Waits for batch `b`'s output and writes it to the sink, or fails as the CPU path would
@@ -753,8 +808,8 @@ impl Run<'_> {
         self.events.downloaded[side]
             .synchronize()
             .or_cuda("copy from the device")?;
-        // SAFETY: the copy into the buffer is done, and the next one is queued only after this
-        // function returns.
+        // SAFETY: the copy into the buffer is done, and the next one is queued only once this
+        // batch is counted as written.
         let out = unsafe { self.mem.out_host[side].bytes() };
         let counts = packing::out_counts(out);
         if counts != [0, 0] {
