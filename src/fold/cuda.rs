@@ -159,7 +159,21 @@ impl Gpu {
                 if count == 1 { "" } else { "s" }
             )));
         }
-        let ctx = CudaContext::new(device).or_cuda(&format!("cannot open cuda:{device}"))?;
+        // The context opened by check_device is kept for execute: creating the primary
+        // context again after its last release would cost a good part of a second.
+        static OPENED: Mutex<Option<(usize, Arc<CudaContext>)>> = Mutex::new(None);
+        let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+        let ctx = match &*opened {
+            Some((d, ctx)) if *d == device => ctx.clone(),
+            _ => {
+                let ctx =
+                    CudaContext::new(device).or_cuda(&format!("cannot open cuda:{device}"))?;
+                *opened = Some((device, ctx.clone()));
+                ctx
+            }
+        };
+        ctx.bind_to_thread()
+            .or_cuda(&format!("cannot use cuda:{device}"))?;
         // SAFETY: only tries to dlopen the NVRTC library under its usual names.
         if !unsafe { nvrtc::sys::is_culib_present() } {
             return Err(Error::Cuda(
