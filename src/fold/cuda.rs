@@ -94,22 +94,18 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        // Where, for a fault of ours; a library's own messages say enough.
-        let at = info
-            .location()
-            .filter(|l| l.file().starts_with("src/"))
-            .map(|l| format!(" (at {}:{})", l.file(), l.line()))
-            .unwrap_or_default();
-        *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{msg}{at}"));
+        // A fault of ours says where; a library's own messages say enough.
+        let text = match info.location().filter(|l| l.file().starts_with("src/")) {
+            Some(l) => format!("internal error: {msg} (at {}:{})", l.file(), l.line()),
+            None => format!("a CUDA library call failed: {msg}"),
+        };
+        *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
     }));
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     panic::set_hook(previous);
     result.unwrap_or_else(|_| {
         let msg = LAST.lock().unwrap_or_else(|e| e.into_inner()).take();
-        Err(Error::Cuda(format!(
-            "a CUDA library call failed: {}",
-            msg.unwrap_or_else(|| "unknown panic".into())
-        )))
+        Err(Error::Cuda(msg.unwrap_or_else(|| "unknown panic".into())))
     })
 }
 
