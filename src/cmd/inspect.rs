@@ -163,6 +163,9 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// Metadata entries printed by `inspect` without `--json`.
+const MAX_METADATA_LINES: usize = 40;
+
 /// The top-level entries of a PyTorch checkpoint, one line each (a plain state dict in one).
 fn print_tree(tree: &[Value]) {
     if tree.is_empty() {
@@ -232,14 +235,26 @@ fn print_human(d: &Value) {
         (step, src) => println!("  step        {step} ({})", s(src).replace('_', " ")),
     }
     if let Some(m) = d["metadata"].as_object() {
-        for (k, v) in m {
-            let v = s(v);
+        // A .pth holds every plain value of its meta, optimizer and loop state; the first
+        // ones are enough here, --json has them all.
+        for (k, v) in m.iter().take(MAX_METADATA_LINES) {
+            // One line per key: control characters (a config's newlines) become spaces.
+            let v: String = s(v)
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
             let v = if v.chars().count() > 80 {
                 format!("{}…", v.chars().take(77).collect::<String>())
             } else {
                 v
             };
             println!("  metadata    {k} = {v}");
+        }
+        if m.len() > MAX_METADATA_LINES {
+            println!(
+                "  metadata    … and {} more (--json shows all)",
+                m.len() - MAX_METADATA_LINES
+            );
         }
     }
     match &d["layout"] {
