@@ -239,7 +239,13 @@ pub struct InspectArgs {
     #[arg(long)]
     pub stats: bool,
 
-    /// Print one JSON document on stdout.
+    /// Print one JSON document on stdout: `{"version", "files": [...]}`, one entry per
+    /// checkpoint with `path`, `format`, `tensors`, `parameters`, `bytes`, `file_bytes`,
+    /// `dtypes`, `metadata`, `step`, `step_source`, `layout`, `skipped` (`[{name, kind}]`:
+    /// entries of a PyTorch checkpoint that are neither tensors nor plain values), for PyTorch
+    /// checkpoints `tree` (`[{key, kind, tensors, bytes, values, skipped}]`, the top-level
+    /// entries), for sharded ones `shards` (the files), and with --tensors or --stats
+    /// `tensor_list`.
     #[arg(long)]
     pub json: bool,
 }

@@ -110,8 +110,8 @@ pub struct Limits {
 /// The caps used for checkpoints: far above what any real checkpoint's pickle needs (a few
 /// values per tensor), and low enough that a hostile pickle cannot exhaust memory.
 pub const LIMITS: Limits = Limits {
-    max_values: 1 << 24,
-    max_elements: 1 << 26,
+    max_values: 1 << 23,
+    max_elements: 1 << 25,
     max_stack: 1 << 20,
     max_marks: 1 << 12,
 };

@@ -28,10 +28,17 @@ use crate::error::{Error, Result};
 pub const MAX_PICKLE: u64 = 512 << 20;
 /// Deepest nesting of dicts and lists flattened.
 pub const MAX_DEPTH: usize = 256;
-/// Most values visited while flattening (shared sub-graphs are visited once per path).
-pub const MAX_VISITS: usize = 1 << 24;
+/// Most values visited while flattening: a value reachable by several paths is visited once per
+/// path, so a small pickle of shared sub-graphs could otherwise describe 2^40 of them. The
+/// count is computed before walking ([`tree_size`]).
+pub const MAX_VISITS: usize = 1 << 21;
 /// Most bytes of flat names and metadata text produced.
-pub const MAX_TEXT: usize = 256 << 20;
+pub const MAX_TEXT: usize = 128 << 20;
+/// Most tensors a checkpoint may hold.
+pub const MAX_TENSORS: usize = 1 << 20;
+/// Most plain values kept as metadata, and most skipped objects listed; those beyond are
+/// counted in one summary entry of the skipped list.
+pub const MAX_KEPT: usize = 1 << 16;
 /// Sequences longer than this keep their tensors, but their plain values are summarized as one
 /// skipped entry instead of one metadata key each (optimizer `params` lists).
 pub const LONG_SEQUENCE: usize = 64;
@@ -454,6 +461,9 @@ struct Walker<'p, F> {
     text: usize,
     /// The top-level entry being walked.
     top: Option<usize>,
+    /// Plain values and skipped objects beyond [`MAX_KEPT`].
+    dropped_values: usize,
+    dropped_skipped: usize,
 }
 
 /// What a value turned out to be, when it is tensor-like.
@@ -482,8 +492,20 @@ where
         visits: 0,
         text: 0,
         top: None,
+        dropped_values: 0,
+        dropped_skipped: 0,
     };
+    match tree_size(p, p.root, MAX_VISITS as u64) {
+        Ok(n) if n <= MAX_VISITS as u64 => {}
+        Ok(_) => {
+            return Err(w.bad(format!(
+                "the object graph expands to more than {MAX_VISITS} values (shared references)"
+            )))
+        }
+        Err(what) => return Err(w.bad(what.into())),
+    }
     w.walk_root()?;
+    w.finish();
     Ok(w.flat)
 }
 
@@ -498,6 +520,56 @@ fn child(name: &str, key: &str) -> String {
 /// A float as Python's `repr` would show it (`12.0`, `0.0002`, `1e-05` as `1e-5`).
 fn float_text(f: f64) -> String {
     format!("{f:?}")
+}
+
+/// The `i`-th value the flattening walks into from `id` (dict values, list items), if any.
+fn walked_child(p: &Pickle, id: Id, i: usize) -> Option<Id> {
+    if let Some(e) = entries_of(p, id) {
+        return e.get(i).map(|e| e.1);
+    }
+    match p.get(id) {
+        Value::List(v) | Value::Tuple(v) => v.get(i).copied(),
+        Value::Call(c) => c.items.get(i).copied(),
+        _ => None,
+    }
+}
+
+/// How many values the flattening visits from `root` (saturating just above `cap`), computed
+/// once per value without recursion; a cycle through dicts and lists is an error.
+fn tree_size(p: &Pickle, root: Id, cap: u64) -> std::result::Result<u64, &'static str> {
+    const NEW: u8 = 0;
+    const OPEN: u8 = 1;
+    const DONE: u8 = 2;
+    let mut state = vec![NEW; p.values.len()];
+    let mut size = vec![0u64; p.values.len()];
+    // (value, next child, size so far)
+    let mut stack: Vec<(Id, usize, u64)> = vec![(root, 0, 1)];
+    state[root as usize] = OPEN;
+    while let Some(top) = stack.last_mut() {
+        let (id, i) = (top.0, top.1);
+        match walked_child(p, id, i) {
+            Some(c) => {
+                top.1 += 1;
+                match state[c as usize] {
+                    NEW => {
+                        state[c as usize] = OPEN;
+                        stack.push((c, 0, 1));
+                    }
+                    OPEN => return Err("a dict or list contains itself (cyclic references)"),
+                    _ => top.2 = top.2.saturating_add(size[c as usize]).min(cap + 1),
+                }
+            }
+            None => {
+                let (id, _, n) = stack.pop().expect("not empty");
+                size[id as usize] = n;
+                state[id as usize] = DONE;
+                if let Some(parent) = stack.last_mut() {
+                    parent.2 = parent.2.saturating_add(n).min(cap + 1);
+                }
+            }
+        }
+    }
+    Ok(size[root as usize])
 }
 
 /// The entries of `id` when it is a dict, an `OrderedDict` or another dict subclass.
@@ -637,7 +709,7 @@ where
             for &(k, v) in entries {
                 let Some(key) = key_text(self.p, k) else {
                     let kind = format!("entry with a {} key", self.p.get(k).type_name());
-                    self.skip(String::from("?"), kind);
+                    self.skip(String::from("?"), kind)?;
                     continue;
                 };
                 self.flat.top.push(TopEntry {
@@ -655,20 +727,51 @@ where
         }
     }
 
-    fn skip(&mut self, name: String, kind: String) {
+    fn skip(&mut self, name: String, kind: String) -> Result<()> {
         if let Some(t) = self.top {
             self.flat.top[t].skipped += 1;
         }
-        self.flat.skipped.push(Skipped { name, kind });
+        if self.flat.skipped.len() < MAX_KEPT {
+            self.flat.skipped.push(Skipped { name, kind });
+        } else {
+            self.dropped_skipped += 1;
+        }
+        Ok(())
     }
 
     fn meta(&mut self, name: String, value: String) -> Result<()> {
-        self.charge_text(value.len())?;
         if let Some(t) = self.top {
             self.flat.top[t].values += 1;
         }
-        self.flat.metadata.insert(name, value);
+        if self.flat.metadata.len() < MAX_KEPT {
+            self.charge_text(value.len())?;
+            self.flat.metadata.insert(name, value);
+        } else {
+            self.dropped_values += 1;
+        }
         Ok(())
+    }
+
+    /// The summary entries for what did not fit in the lists.
+    fn finish(&mut self) {
+        if self.dropped_values > 0 {
+            self.flat.skipped.push(Skipped {
+                name: String::new(),
+                kind: format!(
+                    "{} plain values beyond the first {MAX_KEPT} kept as metadata",
+                    self.dropped_values
+                ),
+            });
+        }
+        if self.dropped_skipped > 0 {
+            self.flat.skipped.push(Skipped {
+                name: String::new(),
+                kind: format!(
+                    "{} more skipped objects beyond the first {MAX_KEPT}",
+                    self.dropped_skipped
+                ),
+            });
+        }
     }
 
     fn walk(&mut self, id: Id, name: String, depth: usize) -> Result<()> {
@@ -692,7 +795,7 @@ where
                     Some(key) => self.walk(v, child(&name, &key), depth + 1)?,
                     None => {
                         let kind = format!("entry with a {} key", self.p.get(k).type_name());
-                        self.skip(child(&name, "?"), kind);
+                        self.skip(child(&name, "?"), kind)?;
                     }
                 }
             }
@@ -707,19 +810,22 @@ where
                 }
                 match self.tensor_like(c, &name, 0)? {
                     Some(TensorLike::Tensor(t)) => {
+                        if self.flat.tensors.len() >= MAX_TENSORS {
+                            return Err(self.bad(format!("more than {MAX_TENSORS} tensors")));
+                        }
                         if let Some(top) = self.top {
                             self.flat.top[top].tensors += 1;
                             self.flat.top[top].bytes += t.nbytes();
                         }
                         self.flat.tensors.push(t);
+                        Ok(())
                     }
                     Some(TensorLike::Skip(kind)) => self.skip(name, kind),
                     None => {
                         let kind = call_kind(self.p, c);
-                        self.skip(name, kind);
+                        self.skip(name, kind)
                     }
                 }
-                Ok(())
             }
             Value::Int(i) => self.meta(name, i.to_string()),
             Value::Float(f) => self.meta(name, float_text(*f)),
@@ -729,28 +835,11 @@ where
                 self.meta(name, s)
             }
             Value::None | Value::Dict(_) => Ok(()),
-            Value::BigInt => {
-                self.skip(name, "int (beyond 64 bits)".into());
-                Ok(())
-            }
-            Value::Bytes(n) => {
-                let kind = format!("bytes ({n})");
-                self.skip(name, kind);
-                Ok(())
-            }
-            Value::Set => {
-                self.skip(name, "set".into());
-                Ok(())
-            }
-            Value::Global(g) => {
-                let kind = format!("reference to {}", g.dotted());
-                self.skip(name, kind);
-                Ok(())
-            }
-            Value::PersId(_) => {
-                self.skip(name, "storage".into());
-                Ok(())
-            }
+            Value::BigInt => self.skip(name, "int (beyond 64 bits)".into()),
+            Value::Bytes(n) => self.skip(name, format!("bytes ({n})")),
+            Value::Set => self.skip(name, "set".into()),
+            Value::Global(g) => self.skip(name, format!("reference to {}", g.dotted())),
+            Value::PersId(_) => self.skip(name, "storage".into()),
         }
     }
 
@@ -773,7 +862,7 @@ where
             self.skip(
                 name.to_string(),
                 format!("{dropped} plain values of a {}-item sequence", items.len()),
-            );
+            )?;
         }
         Ok(())
     }
@@ -1177,9 +1266,15 @@ mod tests {
 
     #[test]
     fn hostile_pickles_fail_cleanly() {
-        // A list holding itself: cycles end at the depth limit.
+        // A list holding itself.
         let cyc = b"]q\x00h\x00a.";
         let e = flatten_pickle_bytes(cyc).unwrap_err().to_string();
+        assert!(e.contains("contains itself"), "{e}");
+        // Deep, not cyclic.
+        let mut deep = vec![b']'; 1000];
+        deep.extend(vec![b'a'; 999]);
+        deep.push(b'.');
+        let e = flatten_pickle_bytes(&deep).unwrap_err().to_string();
         assert!(e.contains("nested deeper"), "{e}");
         // 2^30 paths through 30 levels of [x, x].
         let mut b = b"]".to_vec();
@@ -1188,9 +1283,13 @@ mod tests {
         }
         b.push(b'.');
         let e = flatten_pickle_bytes(&b).unwrap_err().to_string();
-        assert!(
-            e.contains("expands to more than") || e.contains("flat names and values exceed"),
-            "{e}"
-        );
+        assert!(e.contains("expands to more than"), "{e}");
+        // Shared, but small once expanded: fine.
+        let mut b = b"}".to_vec();
+        for _ in 0..10 {
+            b.extend_from_slice(b"2\x86");
+        }
+        b.push(b'.');
+        assert_eq!(flatten_pickle_bytes(&b).unwrap(), 0);
     }
 }
