@@ -31,7 +31,7 @@ pub const MAX_DEPTH: usize = 256;
 /// Most values visited while flattening: a value reachable by several paths is visited once per
 /// path, so a small pickle of shared sub-graphs could otherwise describe 2^40 of them. The
 /// count is computed before walking ([`tree_size`]).
-pub const MAX_VISITS: usize = 1 << 21;
+pub const MAX_VISITS: usize = 1 << 20;
 /// Most bytes of flat names and metadata text produced.
 pub const MAX_TEXT: usize = 128 << 20;
 /// Most tensors a checkpoint may hold.
@@ -739,16 +739,24 @@ where
         Ok(())
     }
 
-    fn meta(&mut self, name: String, value: String) -> Result<()> {
+    /// Keeps the plain `value` as metadata under `name` (its text made only when kept).
+    fn meta(&mut self, name: String, value: &Value) -> Result<()> {
         if let Some(t) = self.top {
             self.flat.top[t].values += 1;
         }
-        if self.flat.metadata.len() < MAX_KEPT {
-            self.charge_text(value.len())?;
-            self.flat.metadata.insert(name, value);
-        } else {
+        if self.flat.metadata.len() >= MAX_KEPT {
             self.dropped_values += 1;
+            return Ok(());
         }
+        let text = match value {
+            Value::Int(i) => i.to_string(),
+            Value::Float(f) => float_text(*f),
+            Value::Bool(b) => if *b { "True" } else { "False" }.to_string(),
+            Value::Str(s) => s.to_string(),
+            _ => return Ok(()),
+        };
+        self.charge_text(text.len())?;
+        self.flat.metadata.insert(name, text);
         Ok(())
     }
 
@@ -827,12 +835,8 @@ where
                     }
                 }
             }
-            Value::Int(i) => self.meta(name, i.to_string()),
-            Value::Float(f) => self.meta(name, float_text(*f)),
-            Value::Bool(b) => self.meta(name, if *b { "True" } else { "False" }.into()),
-            Value::Str(s) => {
-                let s = s.to_string();
-                self.meta(name, s)
+            Value::Int(_) | Value::Float(_) | Value::Bool(_) | Value::Str(_) => {
+                self.meta(name, value)
             }
             Value::None | Value::Dict(_) => Ok(()),
             Value::BigInt => self.skip(name, "int (beyond 64 bits)".into()),
@@ -1233,13 +1237,13 @@ pub fn parse_archive_bytes(bytes: &[u8]) -> Result<Archive> {
 }
 
 /// Runs a bare pickle through the machine and the flattening, every storage record taken to
-/// exist; the entry point of the fuzz target `pickle`. Returns the number of tensors.
-pub fn flatten_pickle_bytes(bytes: &[u8]) -> Result<usize> {
+/// exist; the entry point of the fuzz target `pickle`. Returns the tensors.
+pub fn flatten_pickle_bytes(bytes: &[u8]) -> Result<Vec<TorchTensor>> {
     let path = Path::new("<memory>");
     let p = Pickle::parse(bytes, &pickle::LIMITS)
         .map_err(|e| Error::format(path, format!("data.pkl: {e}")))?;
     let records = |_: &str| -> Result<(usize, u64, u64)> { Ok((0, 0, 1 << 40)) };
-    Ok(flatten(&p, path, records)?.tensors.len())
+    Ok(flatten(&p, path, records)?.tensors)
 }
 
 #[cfg(test)]
@@ -1290,6 +1294,6 @@ mod tests {
             b.extend_from_slice(b"2\x86");
         }
         b.push(b'.');
-        assert_eq!(flatten_pickle_bytes(&b).unwrap(), 0);
+        assert!(flatten_pickle_bytes(&b).unwrap().is_empty());
     }
 }

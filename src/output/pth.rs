@@ -343,6 +343,37 @@ pub fn comment_for(record: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::torch::flatten_pickle_bytes;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// What the writer pickles, the reader flattens back: names, dtypes, shapes, each
+        /// tensor contiguous in its own storage.
+        #[test]
+        fn state_dict_pickle_round_trips(
+            spec in proptest::collection::vec(
+                ("[a-z_.]{1,12}", 0usize..DType::ALL.len(), proptest::collection::vec(0usize..5, 0..4)),
+                0..12,
+            )
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let tensors: Vec<OutTensor> = spec
+                .into_iter()
+                .filter(|(n, _, _)| seen.insert(n.clone()))
+                .map(|(name, d, shape)| OutTensor { name, dtype: DType::ALL[d], shape })
+                .collect();
+            let back = flatten_pickle_bytes(&state_dict_pickle(&tensors)).unwrap();
+            prop_assert_eq!(back.len(), tensors.len());
+            for (i, (b, t)) in back.iter().zip(&tensors).enumerate() {
+                prop_assert_eq!(&b.name, &t.name);
+                prop_assert_eq!(b.dtype, t.dtype);
+                prop_assert_eq!(&b.shape, &t.shape);
+                prop_assert!(b.is_contiguous());
+                prop_assert_eq!(b.storage, i);
+                prop_assert_eq!(b.storage_offset, 0);
+            }
+        }
+    }
 
     #[test]
     fn strides_like_torch() {
