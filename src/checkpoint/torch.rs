@@ -1295,5 +1295,10 @@ mod tests {
         }
         b.push(b'.');
         assert!(flatten_pickle_bytes(&b).unwrap().is_empty());
+        // Found by the fuzzer: 2^20 paths to long strings, once slow.
+        let t = std::time::Instant::now();
+        let found = include_bytes!("../../fuzz/regressions/pickle-fanout-strings.pkl");
+        assert!(flatten_pickle_bytes(found).is_err());
+        assert!(t.elapsed().as_secs() < 2);
     }
 }
