@@ -1,6 +1,12 @@
 //! Writing outputs atomically: a temporary file beside the target, written with positioned
 //! writes, synced, then renamed over the target. A crash, a kill or a full disk never leaves a
 //! partial file at the target.
+//!
+//! [`Writer`] picks the format from the target's name and `--max-shard-size`: safetensors,
+//! sharded safetensors ([`sharded`]) or a PyTorch state dict ([`pth`]).
+
+pub mod pth;
+pub mod sharded;
 
 use std::collections::BTreeMap;
 use std::fs::{File, Permissions};
@@ -10,6 +16,7 @@ use std::path::{Path, PathBuf};
 use tempfile::NamedTempFile;
 
 use crate::checkpoint::safetensors::{encode_header, OutTensor};
+use crate::checkpoint::torch::is_torch_name;
 use crate::error::{Error, Result};
 use crate::fold::Sink;
 
@@ -167,26 +174,110 @@ impl SafetensorsWriter {
 
     /// Checks the file is complete, syncs and renames it into place.
     pub fn commit(self) -> Result<u64> {
-        let len = self
-            .file
-            .file()
-            .metadata()
-            .map_err(|e| Error::io(self.file.target(), e))?
-            .len();
-        if len != self.total {
-            return Err(Error::Output {
-                path: self.file.target().to_path_buf(),
-                what: format!("internal error: wrote {len} bytes, expected {}", self.total),
-            });
-        }
+        check_length(&self.file, self.total)?;
         self.file.commit()?;
         Ok(self.total)
     }
+}
+
+/// Checks that `file` has the length planned for it.
+pub(crate) fn check_length(file: &AtomicFile, total: u64) -> Result<()> {
+    let len = file
+        .file()
+        .metadata()
+        .map_err(|e| Error::io(file.target(), e))?
+        .len();
+    if len != total {
+        return Err(Error::Output {
+            path: file.target().to_path_buf(),
+            what: format!("internal error: wrote {len} bytes, expected {total}"),
+        });
+    }
+    Ok(())
 }
 
 impl Sink for SafetensorsWriter {
     fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
         debug_assert!(off + bytes.len() as u64 <= self.sizes[tensor]);
         self.file.write_at(self.offsets[tensor] + off, bytes)
+    }
+}
+
+/// Checks, before any work, that `target` and `--max-shard-size` go together: shards are
+/// safetensors files named after a `<stem>.safetensors` target.
+pub fn check_output_kind(target: &Path, max_shard_size: Option<u64>) -> Result<()> {
+    if max_shard_size.is_some() {
+        if is_torch_name(target) {
+            return Err(Error::usage(format!(
+                "{}: --max-shard-size writes safetensors shards; name the output \
+                 <stem>.safetensors",
+                target.display()
+            )));
+        }
+        sharded::shard_names(target, 1)?;
+    }
+    Ok(())
+}
+
+/// An output of any format, being written.
+pub enum Writer {
+    Safetensors(SafetensorsWriter),
+    Sharded(sharded::ShardedWriter),
+    Pth(pth::PthWriter),
+}
+
+impl Writer {
+    /// Creates the output for `tensors`: a `.pth` state dict when `target` has a PyTorch
+    /// extension (metadata cannot go there and is dropped), shards when `max_shard_size` is
+    /// given and one shard cannot hold everything, else one safetensors file.
+    pub fn create(
+        target: &Path,
+        force: bool,
+        tensors: &[OutTensor],
+        metadata: &BTreeMap<String, String>,
+        max_shard_size: Option<u64>,
+    ) -> Result<Writer> {
+        check_output_kind(target, max_shard_size)?;
+        if is_torch_name(target) {
+            return Ok(Writer::Pth(pth::PthWriter::create(target, force, tensors)?));
+        }
+        if let Some(max) = max_shard_size {
+            let groups = sharded::plan_shards(tensors, max);
+            if groups.len() > 1 {
+                return Ok(Writer::Sharded(sharded::ShardedWriter::create(
+                    target, force, tensors, metadata, &groups,
+                )?));
+            }
+        }
+        Ok(Writer::Safetensors(SafetensorsWriter::create(
+            target, force, tensors, metadata,
+        )?))
+    }
+
+    /// The file to name in summaries: the target, or the index of a sharded output.
+    pub fn display_path(&self, target: &Path) -> PathBuf {
+        match self {
+            Writer::Sharded(s) => s.index_path().to_path_buf(),
+            _ => target.to_path_buf(),
+        }
+    }
+
+    /// Completes the output; returns the bytes written.
+    pub fn commit(self) -> Result<u64> {
+        match self {
+            Writer::Safetensors(w) => w.commit(),
+            Writer::Sharded(w) => w.commit(),
+            Writer::Pth(w) => w.commit(),
+        }
+    }
+}
+
+impl Sink for Writer {
+    fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
+        match self {
+            Writer::Safetensors(w) => w.write(tensor, off, bytes),
+            Writer::Sharded(w) => w.write(tensor, off, bytes),
+            Writer::Pth(w) => w.write(tensor, off, bytes),
+        }
     }
 }

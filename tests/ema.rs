@@ -7,10 +7,16 @@ mod common;
 use common::*;
 use serde_json::Value;
 
+/// The safetensors cases, then the same folds over `.pth` series (`pth_cases.json`).
 fn cases() -> Vec<Value> {
-    let text = std::fs::read_to_string(fixtures().join("cases.json")).unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap();
-    v["cases"].as_array().unwrap().clone()
+    ["cases.json", "pth_cases.json"]
+        .iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(fixtures().join(f)).unwrap();
+            let v: Value = serde_json::from_str(&text).unwrap();
+            v["cases"].as_array().unwrap().clone()
+        })
+        .collect()
 }
 
 /// Runs one case; returns the first disagreement.

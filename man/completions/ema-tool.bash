@@ -87,7 +87,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__ema)
-            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --gamma --warm-up --total-iter --output --force --dtype --quiet --json --check-finite --interval --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --help --version"
+            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --gamma --warm-up --total-iter --output --max-shard-size --force --dtype --quiet --json --check-finite --interval --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -130,6 +130,10 @@ _ema__tool() {
                     return 0
                     ;;
                 -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-shard-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -289,7 +293,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__swa)
-            opts="-o -f -q -n -j -h -V --output --force --dtype --quiet --json --check-finite --interval --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --help --version"
+            opts="-o -f -q -n -j -h -V --output --max-shard-size --force --dtype --quiet --json --check-finite --interval --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -300,6 +304,10 @@ _ema__tool() {
                     return 0
                     ;;
                 -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-shard-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -347,7 +355,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__swap)
-            opts="-o -f -q -d -h -V --output --force --dtype --quiet --json --check-finite --deploy --raw --ema-on --layout --strip-prefix --help --version"
+            opts="-o -f -q -d -h -V --output --max-shard-size --force --dtype --quiet --json --check-finite --deploy --raw --ema-on --layout --strip-prefix --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -358,6 +366,10 @@ _ema__tool() {
                     return 0
                     ;;
                 -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-shard-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -43,7 +43,8 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l decay -d 'Deca
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l gamma -d '`annealing`: momentum = max(momentum, gamma / (gamma + k))' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l warm-up -d '`mmcv`, `linear-momentum`: warm-up iterations of the momentum' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l total-iter -d '`exp-momentum`: iterations over which the momentum decays' -r
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s o -l output -d 'Output file (a `.safetensors` file; `.pth`/`.pt` where supported)' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
 f16\t''
 bf16\t''
@@ -67,7 +68,8 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l skip-buffers -
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s n -l dry-run -d 'Print the plan (order, steps, weights) and write nothing'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s V -l version -d 'Print version'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s o -l output -d 'Output file (a `.safetensors` file; `.pth`/`.pt` where supported)' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
 f16\t''
 bf16\t''
@@ -91,7 +93,8 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l skip-buffers -
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s n -l dry-run -d 'Print the plan (order, steps, weights) and write nothing'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s V -l version -d 'Print version'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s o -l output -d 'Output file (a `.safetensors` file; `.pth`/`.pt` where supported)' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
 f16\t''
 bf16\t''
@@ -112,7 +115,7 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s h -l help -d 
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s V -l version -d 'Print version'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s t -l tensors -d 'List every tensor: name, dtype, shape, bytes'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -l stats -d 'Read values: min, max, mean, std and NaN/Inf counts per tensor'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -l json -d 'Print one JSON document on stdout'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -l json -d 'Print one JSON document on stdout: `{"version", "files": [...]}`, one entry per checkpoint with `path`, `format`, `tensors`, `parameters`, `bytes`, `file_bytes`, `dtypes`, `metadata`, `step`, `step_source`, `layout`, `skipped` (`[{name, kind}]`: entries of a PyTorch checkpoint that are neither tensors nor plain values), for PyTorch checkpoints `tree` (`[{key, kind, tensors, bytes, values, skipped}]`, the top-level entries), for sharded ones `shards` (the files), and with --tensors or --stats `tensor_list`'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s V -l version -d 'Print version'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand completions" -s h -l help -d 'Print help'
