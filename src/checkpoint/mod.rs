@@ -66,10 +66,7 @@ impl DataFile {
     /// Checks that the file still has the size and modification time it had when its header
     /// was read: a checkpoint rewritten under us is refused rather than half read.
     pub fn check_unchanged(&self) -> Result<()> {
-        let meta = self
-            .file
-            .metadata()
-            .map_err(|e| Error::io(&self.path, e))?;
+        let meta = self.file.metadata().map_err(|e| Error::io(&self.path, e))?;
         if meta.len() != self.len {
             return Err(Error::format(
                 &self.path,
@@ -81,10 +78,7 @@ impl DataFile {
             ));
         }
         if meta.modified().ok() != self.modified {
-            return Err(Error::format(
-                &self.path,
-                "file was modified while in use",
-            ));
+            return Err(Error::format(&self.path, "file was modified while in use"));
         }
         Ok(())
     }

@@ -114,12 +114,16 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     let text = std::str::from_utf8(json)
         .map_err(|e| bad(format!("corrupt header: invalid UTF-8 ({e})")))?;
     let entries: Entries = serde_json::from_str(text.trim_end_matches(' ')).map_err(|e| {
+        use serde_json::error::Category;
         if e.to_string().starts_with(TOO_MANY_ENTRIES) {
             bad(format!(
                 "header declares more than {MAX_TENSORS} tensors, the most supported"
             ))
+        } else if e.classify() == Category::Data {
+            // Not `{e}`: serde quotes the value it found, which the file controls.
+            bad("corrupt header: not a JSON object".into())
         } else {
-            bad(format!("corrupt header: invalid JSON ({})", json_error(&e)))
+            bad(format!("corrupt header: invalid JSON ({e})"))
         }
     })?;
     let data_start = 8 + json.len() as u64;
@@ -143,7 +147,8 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
             metadata = Some(parse_metadata(path, raw)?);
             continue;
         }
-        let (dtype, shape, begin, end) = parse_entry(raw).map_err(|e| Error::tensor(path, &name, e))?;
+        let (dtype, shape, begin, end) =
+            parse_entry(raw).map_err(|e| Error::tensor(path, &name, e))?;
         parsed.push((begin, end, name, dtype, shape));
     }
 
@@ -205,7 +210,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 while let Some(k) = m.next_key::<String>()? {
                     // The tensors and `__metadata__`.
@@ -232,7 +240,10 @@ impl<'de> Deserialize<'de> for Shape {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a list of non-negative integers")
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> std::result::Result<Shape, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> std::result::Result<Shape, A::Error> {
                 let mut dims = Vec::new();
                 while let Some(d) = s.next_element::<u64>()? {
                     if dims.len() == MAX_DIMS {
@@ -255,8 +266,8 @@ const TOO_MANY_ENTRIES: &str = "too many entries";
 /// One tensor's header entry: dtype, shape, offsets relative to the data, all checked against
 /// each other. Errors are messages about the tensor.
 fn parse_entry(raw: &RawValue) -> std::result::Result<(DType, Vec<usize>, u64, u64), String> {
-    let fields: Entries = serde_json::from_str(raw.get())
-        .map_err(|_| "header entry is not an object".to_string())?;
+    let fields: Entries =
+        serde_json::from_str(raw.get()).map_err(|_| "header entry is not an object".to_string())?;
     let mut dtype = None;
     let mut shape = None;
     let mut offsets = None;
@@ -316,15 +327,6 @@ fn parse_metadata(path: &Path, raw: &RawValue) -> Result<BTreeMap<String, String
     Ok(metadata)
 }
 
-/// serde_json's message without any of the input it quotes (which a hostile file controls).
-fn json_error(e: &serde_json::Error) -> String {
-    use serde_json::error::Category;
-    match e.classify() {
-        Category::Data => format!("not a JSON object at line {} column {}", e.line(), e.column()),
-        _ => e.to_string(),
-    }
-}
-
 /// A tensor to be written: name, dtype and shape; the data comes later.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutTensor {
@@ -376,4 +378,72 @@ pub fn encode_header(
     out.extend_from_slice(&json);
     let base = out.len() as u64;
     (out, rel.into_iter().map(|r| r + base).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn good_file() -> Vec<u8> {
+        let tensors = [
+            OutTensor {
+                name: "a".into(),
+                dtype: DType::F32,
+                shape: vec![2, 3],
+            },
+            OutTensor {
+                name: "b".into(),
+                dtype: DType::BF16,
+                shape: vec![],
+            },
+        ];
+        let meta = BTreeMap::from([("step".to_string(), "3".to_string())]);
+        let (mut bytes, _) = encode_header(&tensors, &meta);
+        bytes.extend(std::iter::repeat_n(7u8, 26));
+        bytes
+    }
+
+    #[test]
+    fn a_written_header_reads_back() {
+        let (tensors, meta) = validate_bytes(Path::new("x"), &good_file()).unwrap();
+        assert_eq!(tensors.len(), 2);
+        assert_eq!(tensors[0].shape, vec![2, 3]);
+        assert_eq!(meta["step"], "3");
+    }
+
+    #[test]
+    fn too_many_entries_are_refused_before_they_are_stored() {
+        let mut h = String::from("{");
+        for _ in 0..=MAX_TENSORS {
+            h.push_str("\"\":0,");
+        }
+        h.push_str("\"\":0}");
+        let mut f = (h.len() as u64).to_le_bytes().to_vec();
+        f.extend_from_slice(h.as_bytes());
+        let e = validate_bytes(Path::new("x"), &f).unwrap_err().to_string();
+        assert!(e.contains("more than 1000000 tensors"), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn every_truncation_is_refused(cut in 0usize..90) {
+            let f = good_file();
+            let cut = cut.min(f.len() - 1);
+            prop_assert!(validate_bytes(Path::new("x"), &f[..cut]).is_err());
+        }
+
+        #[test]
+        fn any_corruption_is_refused_or_consistent(i in 0usize..200, b in any::<u8>()) {
+            let mut f = good_file();
+            let i = i % f.len();
+            f[i] = b;
+            if let Ok((tensors, _)) = validate_bytes(Path::new("x"), &f) {
+                // Whatever was accepted covers the data exactly.
+                let data: u64 = tensors.iter().map(|t| t.len).sum();
+                let n = u64::from_le_bytes(f[..8].try_into().unwrap());
+                prop_assert_eq!(8 + n + data, f.len() as u64);
+            }
+        }
+    }
 }
