@@ -171,7 +171,16 @@ impl AtomicFile {
                 Ok(()) => return Ok(()),
                 Err(Errno::INTR) => continue,
                 Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => return Ok(()),
-                Err(e) => return Err(Error::io(&self.target, e.into())),
+                Err(e) => {
+                    return Err(Error::Output {
+                        path: self.target.clone(),
+                        what: format!(
+                            "cannot reserve {} for the output: {}",
+                            crate::cmd::human_bytes(len),
+                            std::io::Error::from(e)
+                        ),
+                    })
+                }
             }
         }
     }
