@@ -169,12 +169,7 @@ impl Schedule {
         w[0] = 1.0;
         for k in 1..n {
             // log of Π (1 − m_j) over the updates of the gap, for accuracy with tiny momenta.
-            let mut log_keep = 0.0f64;
-            for j in steps[k - 1] + 1..=steps[k] {
-                if let Some(m) = self.momentum_at(j - base) {
-                    log_keep += (-m).ln_1p();
-                }
-            }
+            let log_keep = self.log_keep(steps[k - 1] + 1 - base, steps[k] - base);
             let keep = log_keep.exp();
             for wi in &mut w[..k] {
                 *wi *= keep;
@@ -182,6 +177,110 @@ impl Schedule {
             w[k] = -log_keep.exp_m1();
         }
         Ok(w)
+    }
+}
+
+/// Gaps of up to this many iterations are summed term by term; longer ones (whose length comes
+/// from step numbers in the input files) are summed in closed form where the momentum is
+/// constant, so that no input can make planning take more than milliseconds.
+pub const EXACT_GAP: u64 = 1 << 16;
+
+impl Schedule {
+    /// `ln Π (1 − m_k)` over the updates `k` in `lo..=hi` (update indices, `lo ≥ 1`).
+    fn log_keep(&self, lo: u64, hi: u64) -> f64 {
+        let terms = |from: u64, to: u64| -> f64 {
+            (from..=to)
+                .filter_map(|k| self.momentum_at(k))
+                .map(|m| (-m).ln_1p())
+                .sum()
+        };
+        if hi - lo < EXACT_GAP {
+            return terms(lo, hi);
+        }
+        if self.strategy == Strategy::Swa {
+            // m = 1 / (q + 1) at k = q·interval: Π q / (q + 1) telescopes to q0 / (q1 + 1).
+            let (q0, q1) = (lo.div_ceil(self.interval), hi / self.interval);
+            if q0 > q1 {
+                return 0.0;
+            }
+            return -((q1 + 1 - q0) as f64 / q0 as f64).ln_1p();
+        }
+        let Some((tail, m)) = self.constant_tail() else {
+            return terms(lo, hi);
+        };
+        let mut sum = 0.0;
+        let mut start = lo;
+        if start < tail {
+            let end = hi.min(tail - 1);
+            sum += terms(start, end);
+            start = end + 1;
+        }
+        if start <= hi {
+            sum += self.updates_in(start, hi) as f64 * (-m).ln_1p();
+        }
+        sum
+    }
+
+    /// Number of update indices in `lo..=hi` (`lo ≥ 1`) at which an update happens.
+    fn updates_in(&self, lo: u64, hi: u64) -> u64 {
+        // Updates happen at k ≡ r (mod interval): r = 1 for mmcv (it % interval == 0).
+        let r = u64::from(self.strategy == Strategy::Mmcv);
+        let upto = |x: u64| {
+            if x < r {
+                0
+            } else {
+                (x - r) / self.interval + 1
+            }
+        };
+        upto(hi) - upto(lo - 1)
+    }
+
+    /// The update index from which every update has one and the same momentum, and that
+    /// momentum, exactly as [`Schedule::momentum_at`] computes it; `None` when that index is out
+    /// of reach (extreme parameters) or the strategy has none (`swa`).
+    fn constant_tail(&self) -> Option<(u64, f64)> {
+        const FAR: f64 = (1u64 << 62) as f64;
+        let m = self.momentum;
+        let k0 = match self.strategy {
+            Strategy::Exponential => 1.0,
+            Strategy::Swa => return None,
+            // max(m, g / (g + k)) is m once g / (g + k) ≤ m, and g / (g + k) only decreases.
+            Strategy::Annealing => (self.gamma * (1.0 - m) / m).ceil() + 1.0,
+            // min(m^interval, (1 + it) / (warm_up + it)): the warm-up ratio is at least 1 for
+            // warm_up < 1, and otherwise grows towards 1; past it0 it exceeds m^interval by a
+            // margin far above rounding.
+            Strategy::Mmcv | Strategy::LinearMomentum => {
+                let mi = m.powi(self.interval.min(i32::MAX as u64) as i32);
+                if self.warm_up < 1.0 {
+                    1.0
+                } else {
+                    let t = mi * (1.0 + 1e-9);
+                    if t >= 1.0 {
+                        return None;
+                    }
+                    ((t * self.warm_up - 1.0) / (1.0 - t)).max(0.0).ceil() + 2.0
+                }
+            }
+            // (1 − m)·exp(−(1 + it)/total_iter) + m rounds to m once the first term is below
+            // m·2^-56, a quarter of m's half ulp.
+            Strategy::ExpMomentum => {
+                let x = ((1.0 - m) / m).ln().max(0.0) + 56.0 * std::f64::consts::LN_2 + 1.0;
+                (self.total_iter * x).ceil()
+            }
+        };
+        if !(1.0..FAR).contains(&k0) {
+            return None;
+        }
+        let k0 = k0 as u64;
+        // The momentum at the first update from k0 on must be the constant already.
+        let first = (k0..k0 + 2 * self.interval).find_map(|k| self.momentum_at(k))?;
+        let constant = match self.strategy {
+            Strategy::Mmcv | Strategy::LinearMomentum => {
+                m.powi(self.interval.min(i32::MAX as u64) as i32)
+            }
+            _ => m,
+        };
+        (first == constant).then_some((k0, constant))
     }
 }
 
@@ -450,6 +549,61 @@ mod tests {
         let keep = 0.999f64.powi(1000);
         assert!((w[0] - keep).abs() < 1e-12);
         assert!((w[1] - (1.0 - keep)).abs() < 1e-12);
+    }
+
+    /// The per-term sum that [`Schedule::log_keep`] replaces for long gaps.
+    fn log_keep_by_terms(s: &Schedule, lo: u64, hi: u64) -> f64 {
+        (lo..=hi)
+            .filter_map(|k| s.momentum_at(k))
+            .map(|m| (-m).ln_1p())
+            .sum()
+    }
+
+    #[test]
+    fn long_gaps_in_closed_form_equal_the_sum_of_terms() {
+        let all = [
+            Strategy::Exponential,
+            Strategy::Annealing,
+            Strategy::Mmcv,
+            Strategy::ExpMomentum,
+            Strategy::LinearMomentum,
+            Strategy::Swa,
+        ];
+        for st in all {
+            for (m, iv) in [(0.0002, 1), (0.01, 3), (0.3, 7), (0.9, 2)] {
+                let mut s = sched(st, m, iv);
+                s.total_iter = 300.0;
+                s.gamma = 50.0;
+                s.warm_up = 10.0;
+                for (lo, hi) in [(1, 300_000), (5, 200_003), (150_000, 400_000)] {
+                    let fast = s.log_keep(lo, hi);
+                    let slow = log_keep_by_terms(&s, lo, hi);
+                    assert!(
+                        (fast - slow).abs() <= 1e-9 * slow.abs().max(1e-300),
+                        "{st:?} m {m} interval {iv} [{lo}, {hi}]: {fast} vs {slow}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_longest_supported_gap_is_planned_at_once() {
+        let started = std::time::Instant::now();
+        for st in [
+            Strategy::Exponential,
+            Strategy::Annealing,
+            Strategy::Mmcv,
+            Strategy::ExpMomentum,
+            Strategy::LinearMomentum,
+            Strategy::Swa,
+        ] {
+            let w = sched(st, 0.0002, 1)
+                .weights(3, Some(&[7, 8, 7 + MAX_ITERATIONS]))
+                .unwrap();
+            assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{st:?}: {w:?}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]
