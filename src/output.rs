@@ -93,6 +93,7 @@ fn create_temp(dir: &Path, prefix: &str, suffix: &str) -> std::io::Result<(Named
 /// is removed). Call once, from `main`.
 pub fn remove_temporaries_on_signals() -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use std::io::Write;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::Builder::new()
         .name("ema-tool-signals".into())
@@ -112,7 +113,9 @@ pub fn remove_temporaries_on_signals() -> std::io::Result<()> {
                 } else {
                     "; removed the unfinished output".to_string()
                 };
-                eprintln!("ema-tool: interrupted by {name}{what}");
+                // Not eprintln!, which panics (here: ends this thread, not the process) when
+                // stderr is gone.
+                let _ = writeln!(std::io::stderr(), "ema-tool: interrupted by {name}{what}");
                 std::process::exit(128 + sig)
             }
         })?;

@@ -131,11 +131,9 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
         .checked_sub(data_start)
         .ok_or_else(|| bad("truncated: the file is shorter than its header".into()))?;
 
-    let mut metadata = None;
     let mut seen = HashSet::with_capacity(entries.0.len());
-    let mut parsed = Vec::with_capacity(entries.0.len());
-    for (name, raw) in entries.0 {
-        if !seen.insert(name.clone()) {
+    for (name, _) in &entries.0 {
+        if !seen.insert(name.as_str()) {
             let what = "appears twice in the header";
             return Err(if name == "__metadata__" {
                 bad(format!("corrupt header: `__metadata__` {what}"))
@@ -143,6 +141,11 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
                 Error::tensor(path, name, what)
             });
         }
+    }
+    drop(seen);
+    let mut metadata = None;
+    let mut parsed = Vec::with_capacity(entries.0.len());
+    for (name, raw) in entries.0 {
         if name == "__metadata__" {
             metadata = Some(parse_metadata(path, raw)?);
             continue;
