@@ -167,9 +167,10 @@ impl Schedule {
         let base = if self.strategy.is_hook() { 0 } else { steps[0] };
         let mut w = vec![0.0f64; n];
         w[0] = 1.0;
+        let mut budget = MAX_TERMS;
         for k in 1..n {
             // log of Π (1 − m_j) over the updates of the gap, for accuracy with tiny momenta.
-            let log_keep = self.log_keep(steps[k - 1] + 1 - base, steps[k] - base);
+            let log_keep = self.log_keep(steps[k - 1] + 1 - base, steps[k] - base, &mut budget)?;
             let keep = log_keep.exp();
             for wi in &mut w[..k] {
                 *wi *= keep;
@@ -185,25 +186,45 @@ impl Schedule {
 /// constant, so that no input can make planning take more than milliseconds.
 pub const EXACT_GAP: u64 = 1 << 16;
 
+/// Most momentum evaluations one plan may take (about a second).
+pub const MAX_TERMS: u64 = 1 << 27;
+
 impl Schedule {
     /// `ln Π (1 − m_k)` over the updates `k` in `lo..=hi` (update indices, `lo ≥ 1`).
-    fn log_keep(&self, lo: u64, hi: u64) -> f64 {
-        let terms = |from: u64, to: u64| -> f64 {
-            (from..=to)
-                .filter_map(|k| self.momentum_at(k))
-                .map(|m| (-m).ln_1p())
-                .sum()
+    ///
+    /// Momenta that vary are evaluated one by one, taken from `budget`; past it, an error.
+    fn log_keep(&self, lo: u64, hi: u64, budget: &mut u64) -> Result<f64> {
+        let short = hi - lo < EXACT_GAP;
+        let mut terms = |from: u64, to: u64| -> Result<f64> {
+            // Short gaps cost at most EXACT_GAP evaluations per input file: not counted.
+            let count = if short { 0 } else { self.updates_in(from, to) };
+            *budget = budget.checked_sub(count).ok_or_else(|| {
+                Error::usage(format!(
+                    "--per-iter with these parameters evaluates the momentum at more than \
+                     {MAX_TERMS} iterations; use fewer steps or a shorter warm-up"
+                ))
+            })?;
+            // In increasing k, as a term-by-term loop over every iteration would add them.
+            let mut sum = 0.0;
+            let mut k = self.first_update(from);
+            while let Some(kk) = k.filter(|&kk| kk <= to) {
+                if let Some(m) = self.momentum_at(kk) {
+                    sum += (-m).ln_1p();
+                }
+                k = kk.checked_add(self.interval);
+            }
+            Ok(sum)
         };
-        if hi - lo < EXACT_GAP {
+        if short {
             return terms(lo, hi);
         }
         if self.strategy == Strategy::Swa {
             // m = 1 / (q + 1) at k = q·interval: Π q / (q + 1) telescopes to q0 / (q1 + 1).
             let (q0, q1) = (lo.div_ceil(self.interval), hi / self.interval);
             if q0 > q1 {
-                return 0.0;
+                return Ok(0.0);
             }
-            return -((q1 + 1 - q0) as f64 / q0 as f64).ln_1p();
+            return Ok(-((q1 + 1 - q0) as f64 / q0 as f64).ln_1p());
         }
         let Some((tail, m)) = self.constant_tail() else {
             return terms(lo, hi);
@@ -212,19 +233,30 @@ impl Schedule {
         let mut start = lo;
         if start < tail {
             let end = hi.min(tail - 1);
-            sum += terms(start, end);
+            sum += terms(start, end)?;
             start = end + 1;
         }
         if start <= hi {
             sum += self.updates_in(start, hi) as f64 * (-m).ln_1p();
         }
-        sum
+        Ok(sum)
+    }
+
+    /// Updates happen at update indices k ≡ r (mod interval): r = 1 for mmcv (it % interval
+    /// == 0), 0 for the others.
+    fn update_residue(&self) -> u64 {
+        u64::from(self.strategy == Strategy::Mmcv) % self.interval
+    }
+
+    /// The first update index at or after `k`.
+    fn first_update(&self, k: u64) -> Option<u64> {
+        let iv = self.interval;
+        k.checked_add((self.update_residue() + iv - k % iv) % iv)
     }
 
     /// Number of update indices in `lo..=hi` (`lo ≥ 1`) at which an update happens.
     fn updates_in(&self, lo: u64, hi: u64) -> u64 {
-        // Updates happen at k ≡ r (mod interval): r = 1 for mmcv (it % interval == 0).
-        let r = u64::from(self.strategy == Strategy::Mmcv);
+        let r = self.update_residue();
         let upto = |x: u64| {
             if x < r {
                 0
@@ -273,7 +305,7 @@ impl Schedule {
         }
         let k0 = k0 as u64;
         // The momentum at the first update from k0 on must be the constant already.
-        let first = (k0..k0 + 2 * self.interval).find_map(|k| self.momentum_at(k))?;
+        let first = self.momentum_at(self.first_update(k0)?)?;
         let constant = match self.strategy {
             Strategy::Mmcv | Strategy::LinearMomentum => {
                 m.powi(self.interval.min(i32::MAX as u64) as i32)
@@ -576,7 +608,7 @@ mod tests {
                 s.gamma = 50.0;
                 s.warm_up = 10.0;
                 for (lo, hi) in [(1, 300_000), (5, 200_003), (150_000, 400_000)] {
-                    let fast = s.log_keep(lo, hi);
+                    let fast = s.log_keep(lo, hi, &mut u64::MAX.clone()).unwrap();
                     let slow = log_keep_by_terms(&s, lo, hi);
                     assert!(
                         (fast - slow).abs() <= 1e-9 * slow.abs().max(1e-300),
@@ -604,6 +636,38 @@ mod tests {
             assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{st:?}: {w:?}");
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn extreme_parameters_over_a_long_gap_are_refused_not_computed_for_minutes() {
+        let mut s = sched(Strategy::Annealing, 0.0002, 1);
+        s.gamma = 1e12;
+        let e = s.weights(2, Some(&[0, MAX_ITERATIONS])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("evaluates the momentum at more than"),
+            "{e}"
+        );
+        // A huge interval is fine: only the updates are visited.
+        let s = sched(Strategy::Exponential, 0.1, 1 << 61);
+        assert!(s.weights(2, Some(&[5, 55_555_555])).is_ok());
+    }
+
+    /// Found by the `plan` fuzz target (a timeout): with a huge interval, finding the first
+    /// update of the constant tail walked every index up to twice the interval.
+    #[test]
+    fn fuzz_regression_huge_interval_timeout() {
+        let s = Schedule {
+            strategy: Strategy::Exponential,
+            momentum: 5.563079979647231e-307,
+            interval: 2858379707068448816,
+            gamma: 1.3980432851308293e-76,
+            warm_up: 1.041200472978504e-42,
+            total_iter: 1.7448420755005895e-76,
+        };
+        s.validate().unwrap();
+        let w = s.weights(2, Some(&[5, 55555555])).unwrap();
+        assert_eq!(w, vec![1.0, 0.0]);
     }
 
     #[test]
