@@ -250,8 +250,9 @@ impl Schedule {
 
     /// The first update index at or after `k`.
     fn first_update(&self, k: u64) -> Option<u64> {
-        let iv = self.interval;
-        k.checked_add((self.update_residue() + iv - k % iv) % iv)
+        let (iv, r, km) = (self.interval, self.update_residue(), k % self.interval);
+        // (r − km) mod iv, without overflow for any interval (r, km < iv).
+        k.checked_add(if r >= km { r - km } else { iv - (km - r) })
     }
 
     /// Number of update indices in `lo..=hi` (`lo ≥ 1`) at which an update happens.
@@ -668,6 +669,24 @@ mod tests {
         s.validate().unwrap();
         let w = s.weights(2, Some(&[5, 55555555])).unwrap();
         assert_eq!(w, vec![1.0, 0.0]);
+    }
+
+    /// Found by the `plan` fuzz target (an overflow panic): `r + interval` overflowed for the
+    /// largest interval.
+    #[test]
+    fn fuzz_regression_largest_interval_overflow() {
+        for st in [
+            Strategy::Mmcv,
+            Strategy::Exponential,
+            Strategy::LinearMomentum,
+        ] {
+            let s = sched(st, 1.979225483776471e-258, u64::MAX);
+            s.validate().unwrap();
+            let w = s.weights(6, None).unwrap();
+            let r = sequential(&s, 6);
+            assert_eq!(w, r, "{st:?}");
+            assert!(s.weights(2, Some(&[0, 1 << 20])).is_ok());
+        }
     }
 
     #[test]
