@@ -54,10 +54,20 @@ pub fn check_target(target: &Path, inputs: &[&Path], force: bool) -> Result<()> 
     Ok(())
 }
 
-/// Paths of the temporary files this process has open, for the signal handler to remove.
-static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// What the signal handler needs to know about this process's files.
+struct Files {
+    /// Temporary files being written, for the handler to remove.
+    temporaries: Vec<PathBuf>,
+    /// Outputs already renamed into place, for the handler to report.
+    committed: Vec<PathBuf>,
+}
 
-fn live() -> MutexGuard<'static, Vec<PathBuf>> {
+static LIVE: Mutex<Files> = Mutex::new(Files {
+    temporaries: Vec::new(),
+    committed: Vec::new(),
+});
+
+fn live() -> MutexGuard<'static, Files> {
     LIVE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -67,7 +77,7 @@ struct Live(PathBuf);
 
 impl Drop for Live {
     fn drop(&mut self) {
-        live().retain(|p| p != &self.0);
+        live().temporaries.retain(|p| p != &self.0);
     }
 }
 
@@ -79,7 +89,7 @@ fn create_temp(dir: &Path, prefix: &str, suffix: &str) -> std::io::Result<(Named
         .prefix(prefix)
         .suffix(suffix)
         .tempfile_in(dir)?;
-    live.push(tmp.path().to_path_buf());
+    live.temporaries.push(tmp.path().to_path_buf());
     let path = tmp.path().to_path_buf();
     drop(live);
     Ok((tmp, Live(path)))
@@ -100,7 +110,7 @@ pub fn remove_temporaries_on_signals() -> std::io::Result<()> {
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 let live = live();
-                for p in live.iter() {
+                for p in &live.temporaries {
                     let _ = std::fs::remove_file(p);
                 }
                 let name = match sig {
@@ -108,11 +118,14 @@ pub fn remove_temporaries_on_signals() -> std::io::Result<()> {
                     SIGTERM => "SIGTERM",
                     _ => "SIGHUP",
                 };
-                let what = if live.is_empty() {
-                    String::new()
-                } else {
-                    "; removed the unfinished output".to_string()
-                };
+                let mut what = String::new();
+                if let Some(done) = live.committed.last() {
+                    let done = crate::error::one_line(&done.display().to_string(), 1000);
+                    what = format!(" after writing {done}");
+                }
+                if !live.temporaries.is_empty() {
+                    what.push_str("; removed the unfinished output");
+                }
                 // Not eprintln!, which panics (here: ends this thread, not the process) when
                 // stderr is gone.
                 let _ = writeln!(std::io::stderr(), "ema-tool: interrupted by {name}{what}");
@@ -234,7 +247,10 @@ impl AtomicFile {
                 }
             })
         };
-        live.retain(|p| p != &live_entry.0);
+        live.temporaries.retain(|p| p != &live_entry.0);
+        if persisted.is_ok() {
+            live.committed.push(target.clone());
+        }
         drop(live);
         drop(live_entry);
         persisted?;
