@@ -37,9 +37,6 @@ impl Plan {
         let paths: Vec<&Path> = opened.iter().map(|c| c.path.as_path()).collect();
         let steps: Vec<Option<u64>> = opened.iter().map(|c| c.step).collect();
         let ord = order_inputs(args.order, &paths, &steps)?;
-        if let Some(w) = &ord.warning {
-            warn(args.out.quiet, w);
-        }
         let mut slots: Vec<Option<Checkpoint>> = opened.into_iter().map(Some).collect();
         let ckpts: Vec<Checkpoint> = ord
             .perm
@@ -63,6 +60,9 @@ impl Plan {
         } else {
             schedule.weights(ckpts.len(), None)?
         };
+        if let Some(w) = &ord.warning {
+            warn(args.out.quiet, w);
+        }
         let (tensors, jobs) = match_tensors(&ckpts, &weights, args)?;
         Ok(Plan {
             ckpts,

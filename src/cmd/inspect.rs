@@ -183,7 +183,8 @@ fn print_human(d: &Value) {
     }
     if let Some(m) = d["metadata"].as_object() {
         for (k, v) in m {
-            let v = s(v);
+            // One line per entry: control characters (a config's newlines) are escaped.
+            let v: String = s(v).escape_debug().collect();
             let v = if v.chars().count() > 80 {
                 format!("{}…", v.chars().take(77).collect::<String>())
             } else {

@@ -10,6 +10,7 @@ pub mod cpu;
 #[cfg_attr(not(feature = "cuda"), path = "cuda_stub.rs")]
 pub mod cuda;
 pub mod kernels;
+pub mod packing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -5,15 +5,15 @@
 //! The committed files are checked against this generator by `tests/broken.rs`; after changing
 //! it, regenerate them with `EMA_TOOL_REGENERATE=1 cargo test --test broken`.
 
-use super::{f32s, file, raw_file, T};
+use super::{f32_bytes, file, raw_file, Spec};
 
 /// A good file: two f32 tensors, an i64 scalar, step metadata.
 pub fn good() -> Vec<u8> {
     file(
         &[
-            T("a", "F32", &[2, 2], f32s(&[1.0, 2.0, 3.0, 4.0])),
-            T("b", "F32", &[3], f32s(&[0.5, -0.5, 0.25])),
-            T("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
+            Spec("a", "F32", &[2, 2], f32_bytes(&[1.0, 2.0, 3.0, 4.0])),
+            Spec("b", "F32", &[3], f32_bytes(&[0.5, -0.5, 0.25])),
+            Spec("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
         ],
         &[("step", "100")],
     )
@@ -23,9 +23,9 @@ pub fn good() -> Vec<u8> {
 pub fn good2() -> Vec<u8> {
     file(
         &[
-            T("a", "F32", &[2, 2], f32s(&[3.0, 2.0, 1.0, 0.0])),
-            T("b", "F32", &[3], f32s(&[1.5, 0.5, -0.25])),
-            T("n", "I64", &[], 9i64.to_le_bytes().to_vec()),
+            Spec("a", "F32", &[2, 2], f32_bytes(&[3.0, 2.0, 1.0, 0.0])),
+            Spec("b", "F32", &[3], f32_bytes(&[1.5, 0.5, -0.25])),
+            Spec("n", "I64", &[], 9i64.to_le_bytes().to_vec()),
         ],
         &[("step", "200")],
     )
@@ -265,22 +265,22 @@ pub fn files() -> Vec<(&'static str, Vec<u8>)> {
         // Well-formed files with edge cases.
         (
             "deep-nesting-ignored.safetensors",
-            hdr(&deep, &f32s(&[1.0])),
+            hdr(&deep, &f32_bytes(&[1.0])),
         ),
         (
             "max-dims.safetensors",
             hdr(
                 &format!(r#"{{"a":{}}}"#, entry("F32", &dims64, 0, 4)),
-                &f32s(&[2.0]),
+                &f32_bytes(&[2.0]),
             ),
         ),
         (
             "zero-size-and-scalar.safetensors",
             file(
                 &[
-                    T("empty", "F32", &[0, 3], Vec::new()),
-                    T("scalar", "F32", &[], f32s(&[2.0])),
-                    T("v", "BF16", &[2], vec![0x80, 0x3f, 0x00, 0x40]),
+                    Spec("empty", "F32", &[0, 3], Vec::new()),
+                    Spec("scalar", "F32", &[], f32_bytes(&[2.0])),
+                    Spec("v", "BF16", &[2], vec![0x80, 0x3f, 0x00, 0x40]),
                 ],
                 &[("step", "1")],
             ),
@@ -289,9 +289,9 @@ pub fn files() -> Vec<(&'static str, Vec<u8>)> {
             "zero-size-and-scalar-2.safetensors",
             file(
                 &[
-                    T("empty", "F32", &[0, 3], Vec::new()),
-                    T("scalar", "F32", &[], f32s(&[4.0])),
-                    T("v", "BF16", &[2], vec![0x40, 0x40, 0x80, 0x40]),
+                    Spec("empty", "F32", &[0, 3], Vec::new()),
+                    Spec("scalar", "F32", &[], f32_bytes(&[4.0])),
+                    Spec("v", "BF16", &[2], vec![0x40, 0x40, 0x80, 0x40]),
                 ],
                 &[("step", "2")],
             ),
@@ -302,9 +302,9 @@ pub fn files() -> Vec<(&'static str, Vec<u8>)> {
             "shape-differs.safetensors",
             file(
                 &[
-                    T("a", "F32", &[4], f32s(&[1.0, 2.0, 3.0, 4.0])),
-                    T("b", "F32", &[3], f32s(&[0.5, -0.5, 0.25])),
-                    T("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
+                    Spec("a", "F32", &[4], f32_bytes(&[1.0, 2.0, 3.0, 4.0])),
+                    Spec("b", "F32", &[3], f32_bytes(&[0.5, -0.5, 0.25])),
+                    Spec("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
                 ],
                 &[("step", "300")],
             ),
@@ -313,9 +313,9 @@ pub fn files() -> Vec<(&'static str, Vec<u8>)> {
             "dtype-differs.safetensors",
             file(
                 &[
-                    T("a", "F32", &[2, 2], f32s(&[1.0, 2.0, 3.0, 4.0])),
-                    T("b", "F32", &[3], f32s(&[0.5, -0.5, 0.25])),
-                    T("n", "F64", &[], 7f64.to_le_bytes().to_vec()),
+                    Spec("a", "F32", &[2, 2], f32_bytes(&[1.0, 2.0, 3.0, 4.0])),
+                    Spec("b", "F32", &[3], f32_bytes(&[0.5, -0.5, 0.25])),
+                    Spec("n", "F64", &[], 7f64.to_le_bytes().to_vec()),
                 ],
                 &[("step", "300")],
             ),
@@ -324,8 +324,8 @@ pub fn files() -> Vec<(&'static str, Vec<u8>)> {
             "tensor-missing.safetensors",
             file(
                 &[
-                    T("a", "F32", &[2, 2], f32s(&[1.0, 2.0, 3.0, 4.0])),
-                    T("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
+                    Spec("a", "F32", &[2, 2], f32_bytes(&[1.0, 2.0, 3.0, 4.0])),
+                    Spec("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
                 ],
                 &[("step", "300")],
             ),
@@ -334,9 +334,9 @@ pub fn files() -> Vec<(&'static str, Vec<u8>)> {
             "nan.safetensors",
             file(
                 &[
-                    T("a", "F32", &[2, 2], f32s(&[1.0, f32::NAN, 3.0, 4.0])),
-                    T("b", "F32", &[3], f32s(&[0.5, -0.5, 0.25])),
-                    T("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
+                    Spec("a", "F32", &[2, 2], f32_bytes(&[1.0, f32::NAN, 3.0, 4.0])),
+                    Spec("b", "F32", &[3], f32_bytes(&[0.5, -0.5, 0.25])),
+                    Spec("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
                 ],
                 &[("step", "300")],
             ),
@@ -345,9 +345,9 @@ pub fn files() -> Vec<(&'static str, Vec<u8>)> {
             "inf.safetensors",
             file(
                 &[
-                    T("a", "F32", &[2, 2], f32s(&[1.0, 2.0, 3.0, 4.0])),
-                    T("b", "F32", &[3], f32s(&[0.5, f32::NEG_INFINITY, 0.25])),
-                    T("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
+                    Spec("a", "F32", &[2, 2], f32_bytes(&[1.0, 2.0, 3.0, 4.0])),
+                    Spec("b", "F32", &[3], f32_bytes(&[0.5, f32::NEG_INFINITY, 0.25])),
+                    Spec("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
                 ],
                 &[("step", "300")],
             ),
@@ -356,9 +356,9 @@ pub fn files() -> Vec<(&'static str, Vec<u8>)> {
             "large-values.safetensors",
             file(
                 &[
-                    T("a", "F32", &[2, 2], f32s(&[1e6, 2.0, 3.0, -1e6])),
-                    T("b", "F32", &[3], f32s(&[0.5, -0.5, 0.25])),
-                    T("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
+                    Spec("a", "F32", &[2, 2], f32_bytes(&[1e6, 2.0, 3.0, -1e6])),
+                    Spec("b", "F32", &[3], f32_bytes(&[0.5, -0.5, 0.25])),
+                    Spec("n", "I64", &[], 7i64.to_le_bytes().to_vec()),
                 ],
                 &[("step", "300")],
             ),
