@@ -1,6 +1,10 @@
-//! Writing outputs atomically: a temporary file beside the target, written with positioned
-//! writes, synced, then renamed over the target. A crash, a kill or a full disk never leaves a
-//! partial file at the target.
+//! Writing outputs atomically: a temporary file beside the target, space reserved up front,
+//! written with positioned writes, synced, then renamed over the target. A crash, a kill or a
+//! full disk never leaves a partial file at the target.
+//!
+//! Every temporary file is removed when its writer is dropped (any error) and, once
+//! [`remove_temporaries_on_signals`] is installed, on SIGINT, SIGTERM and SIGHUP. Only SIGKILL
+//! (or a power cut) can leave a `.ema-tool-*.tmp` file beside the target; never a partial target.
 //!
 //! [`Writer`] picks the format from the target's name and `--max-shard-size`: safetensors,
 //! sharded safetensors ([`sharded`]) or a PyTorch state dict ([`pth`]).
@@ -12,6 +16,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, Permissions};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tempfile::NamedTempFile;
 
@@ -50,8 +55,90 @@ pub fn check_target(target: &Path, inputs: &[&Path], force: bool) -> Result<()> 
         return Err(out_err(format!("{} is not a directory", dir.display())));
     }
     // Creating a probe file is the only reliable test of writability (ACLs, read-only mounts).
-    NamedTempFile::with_prefix_in(".ema-tool-probe-", &dir)
+    let (probe, _live) = create_temp(&dir, ".ema-tool-probe-", "")
         .map_err(|e| out_err(format!("cannot write in {}: {e}", dir.display())))?;
+    drop(probe);
+    Ok(())
+}
+
+/// What the signal handler needs to know about this process's files.
+struct Files {
+    /// Temporary files being written, for the handler to remove.
+    temporaries: Vec<PathBuf>,
+    /// Outputs already renamed into place, for the handler to report.
+    committed: Vec<PathBuf>,
+}
+
+static LIVE: Mutex<Files> = Mutex::new(Files {
+    temporaries: Vec::new(),
+    committed: Vec::new(),
+});
+
+fn live() -> MutexGuard<'static, Files> {
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A path in [`LIVE`], taken out when dropped (after the file itself is gone or renamed).
+#[derive(Debug)]
+struct Live(PathBuf);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        live().temporaries.retain(|p| p != &self.0);
+    }
+}
+
+/// Creates a temporary file in `dir` and records it in [`LIVE`] in one step, so that no signal
+/// can come between the two.
+fn create_temp(dir: &Path, prefix: &str, suffix: &str) -> std::io::Result<(NamedTempFile, Live)> {
+    let mut live = live();
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .suffix(suffix)
+        .tempfile_in(dir)?;
+    live.temporaries.push(tmp.path().to_path_buf());
+    let path = tmp.path().to_path_buf();
+    drop(live);
+    Ok((tmp, Live(path)))
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: remove every temporary file this process is writing, say so,
+/// and exit with 128 + the signal number (130 for Ctrl-C).
+///
+/// The handler is a thread that takes the lock of the live list and never gives it back, so a
+/// commit either renamed its file before (the target is complete) or never will (its temporary
+/// is removed). Call once, from `main`.
+pub fn remove_temporaries_on_signals() -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use std::io::Write;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("ema-tool-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let live = live();
+                for p in &live.temporaries {
+                    let _ = std::fs::remove_file(p);
+                }
+                let name = match sig {
+                    SIGINT => "SIGINT",
+                    SIGTERM => "SIGTERM",
+                    _ => "SIGHUP",
+                };
+                let mut what = String::new();
+                if let Some(done) = live.committed.last() {
+                    let done = crate::error::one_line(&done.display().to_string(), 1000);
+                    what = format!(" after writing {done}");
+                }
+                if !live.temporaries.is_empty() {
+                    what.push_str("; removed the unfinished output");
+                }
+                // Not eprintln!, which panics (here: ends this thread, not the process) when
+                // stderr is gone.
+                let _ = writeln!(std::io::stderr(), "ema-tool: interrupted by {name}{what}");
+                std::process::exit(128 + sig)
+            }
+        })?;
     Ok(())
 }
 
@@ -73,22 +160,52 @@ pub struct AtomicFile {
     target: PathBuf,
     tmp: NamedTempFile,
     force: bool,
+    // Declared after `tmp`: dropped after the file is removed.
+    live: Live,
 }
 
 impl AtomicFile {
     /// Creates the temporary file beside `target`.
     pub fn create(target: &Path, force: bool) -> Result<AtomicFile> {
         let dir = parent_dir(target);
-        let tmp = tempfile::Builder::new()
-            .prefix(".ema-tool-")
-            .suffix(".tmp")
-            .tempfile_in(&dir)
-            .map_err(|e| Error::io(&dir, e))?;
+        let (tmp, live) =
+            create_temp(&dir, ".ema-tool-", ".tmp").map_err(|e| Error::io(&dir, e))?;
         Ok(AtomicFile {
             target: target.to_path_buf(),
             tmp,
             force,
+            live,
         })
+    }
+
+    /// Reserves `len` bytes on disk for the file, so that a full disk is reported now rather
+    /// than after reading every input. Filesystems that cannot reserve space are left to report
+    /// it at the write.
+    pub fn reserve(&self, len: u64) -> Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        use rustix::io::Errno;
+        if len == 0 {
+            return Ok(());
+        }
+        loop {
+            // KEEP_SIZE: the file's size still grows only with what is written, which
+            // `SafetensorsWriter::commit` checks.
+            match fallocate(self.file(), FallocateFlags::KEEP_SIZE, 0, len) {
+                Ok(()) => return Ok(()),
+                Err(Errno::INTR) => continue,
+                Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => return Ok(()),
+                Err(e) => {
+                    return Err(Error::Output {
+                        path: self.target.clone(),
+                        what: format!(
+                            "cannot reserve {} for the output: {}",
+                            crate::cmd::human_bytes(len),
+                            std::io::Error::from(e)
+                        ),
+                    })
+                }
+            }
+        }
     }
 
     /// The open temporary file.
@@ -111,14 +228,22 @@ impl AtomicFile {
     /// Syncs the data, makes the file world-readable (0644), renames it to the target and
     /// syncs the directory.
     pub fn commit(self) -> Result<()> {
-        let target = self.target;
+        let AtomicFile {
+            target,
+            tmp,
+            force,
+            live: live_entry,
+        } = self;
         let io = |e: std::io::Error| Error::io(&target, e);
-        self.tmp.as_file().sync_all().map_err(io)?;
-        std::fs::set_permissions(self.tmp.path(), Permissions::from_mode(0o644)).map_err(io)?;
-        if self.force {
-            self.tmp.persist(&target).map_err(|e| io(e.error))?;
+        tmp.as_file().sync_all().map_err(io)?;
+        std::fs::set_permissions(tmp.path(), Permissions::from_mode(0o644)).map_err(io)?;
+        // Under the lock of the live list: a signal handler cannot remove the file between the
+        // rename and the moment it is no longer listed.
+        let mut live = live();
+        let persisted = if force {
+            tmp.persist(&target).map(drop).map_err(|e| io(e.error))
         } else {
-            self.tmp.persist_noclobber(&target).map_err(|e| {
+            tmp.persist_noclobber(&target).map(drop).map_err(|e| {
                 if e.error.kind() == std::io::ErrorKind::AlreadyExists {
                     Error::Output {
                         path: target.clone(),
@@ -127,8 +252,15 @@ impl AtomicFile {
                 } else {
                     io(e.error)
                 }
-            })?;
+            })
+        };
+        live.temporaries.retain(|p| p != &live_entry.0);
+        if persisted.is_ok() {
+            live.committed.push(target.clone());
         }
+        drop(live);
+        drop(live_entry);
+        persisted?;
         let dir = parent_dir(&target);
         if let Ok(d) = File::open(&dir) {
             // Not every filesystem can sync a directory; the rename is done either way.
@@ -158,6 +290,7 @@ impl SafetensorsWriter {
         let (header, offsets) = encode_header(tensors, metadata);
         let sizes: Vec<u64> = tensors.iter().map(OutTensor::nbytes).collect();
         let total = header.len() as u64 + sizes.iter().sum::<u64>();
+        file.reserve(total)?;
         file.write_at(0, &header)?;
         Ok(SafetensorsWriter {
             file,

@@ -13,7 +13,7 @@ pub mod zip;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
@@ -51,41 +51,78 @@ pub struct DataFile {
     pub file: File,
     /// Size when the header was read; reads past it are refused.
     pub len: u64,
+    /// Modification time when the header was read.
+    modified: Option<std::time::SystemTime>,
 }
 
 impl DataFile {
-    /// Opens `path` for reading and records its size.
+    /// Opens `path` for reading and records its size and modification time.
     pub fn open(path: &Path) -> Result<DataFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if meta.is_dir() {
-            return Err(Error::format(path, "is a directory"));
-        }
+        let (file, meta) = open_regular(path)?;
         Ok(DataFile {
             path: path.to_path_buf(),
             file,
             len: meta.len(),
+            modified: meta.modified().ok(),
         })
     }
 
-    /// Checks that the file still has the size it had when its header was read.
+    /// An anonymous file that a reader fills with copies of tensors (a `.pth`'s non-contiguous
+    /// views), reported under `path`; call [`DataFile::seal`] once it is written.
+    pub fn scratch(path: &Path, file: File) -> DataFile {
+        DataFile {
+            path: path.to_path_buf(),
+            file,
+            len: 0,
+            modified: None,
+        }
+    }
+
+    /// Records the current size and modification time, as [`DataFile::open`] does.
+    pub fn seal(&mut self) -> Result<()> {
+        let meta = self.file.metadata().map_err(|e| Error::io(&self.path, e))?;
+        self.len = meta.len();
+        self.modified = meta.modified().ok();
+        Ok(())
+    }
+
+    /// Checks that the file still has the size and modification time it had when its header
+    /// was read: a checkpoint rewritten under us is refused rather than half read.
     pub fn check_unchanged(&self) -> Result<()> {
-        let now = self
-            .file
-            .metadata()
-            .map_err(|e| Error::io(&self.path, e))?
-            .len();
-        if now != self.len {
+        let meta = self.file.metadata().map_err(|e| Error::io(&self.path, e))?;
+        if meta.len() != self.len {
             return Err(Error::format(
                 &self.path,
                 format!(
-                    "file changed size while in use ({} bytes, now {now})",
-                    self.len
+                    "file changed size while in use ({} bytes, now {})",
+                    self.len,
+                    meta.len()
                 ),
             ));
         }
+        if meta.modified().ok() != self.modified {
+            return Err(Error::format(&self.path, "file was modified while in use"));
+        }
         Ok(())
     }
+}
+
+/// Opens a regular file for reading, without blocking on a FIFO or a device: anything else is
+/// refused with a message instead of hanging or reading a stream.
+pub fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::format(path, "is a directory"));
+    }
+    if !meta.is_file() {
+        return Err(Error::format(path, "is not a regular file"));
+    }
+    Ok((file, meta))
 }
 
 /// Where one tensor's bytes are, and what they are.
@@ -169,7 +206,7 @@ impl Checkpoint {
     /// Opens a single-file checkpoint, its format told by its first bytes.
     pub fn open_file(path: &Path) -> Result<Checkpoint> {
         let mut magic = [0u8; 512];
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let (file, _) = open_regular(path)?;
         let n = read_up_to(&file, 0, &mut magic).map_err(|e| Error::io(path, e))?;
         drop(file);
         let magic = &magic[..n];

@@ -360,11 +360,7 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
                 Some(sp) => sp,
                 None => {
                     let file = tempfile::tempfile().map_err(|e| Error::io(path, e))?;
-                    spill.insert(DataFile {
-                        path: path.to_path_buf(),
-                        file,
-                        len: 0,
-                    })
+                    spill.insert(DataFile::scratch(path, file))
                 }
             };
             let at = sp.len;
@@ -382,6 +378,9 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
             offset,
             len,
         });
+    }
+    if let Some(sp) = &mut spill {
+        sp.seal()?;
     }
     let mut files = vec![df];
     files.extend(spill);

@@ -121,7 +121,9 @@ pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
             c.tensors
                 .par_iter()
                 .map(|t| tensor_stats(c, t).map(Some))
-                .collect::<Result<_>>()?
+                .collect::<Result<Vec<_>>>()
+                // Statistics of a file rewritten while we read it would be of neither version.
+                .and_then(|s| c.check_unchanged().map(|()| s))?
         } else {
             vec![None; c.tensors.len()]
         };

@@ -150,7 +150,13 @@ pub fn execute(
         Device::Cuda(n) => cuda::execute(n, ckpts, jobs, sink, checks, progress),
     };
     progress.finish();
-    result
+    result?;
+    // An input rewritten in place while we read it may have given us a mix of old and new
+    // bytes: refuse to commit such an output.
+    for c in ckpts {
+        c.check_unchanged()?;
+    }
+    Ok(())
 }
 
 /// The error for a NaN/Inf found by `--check-finite`.
