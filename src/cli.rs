@@ -64,9 +64,19 @@ pub enum Command {
 /// Output options shared by every command that writes a file.
 #[derive(Debug, Args, Clone)]
 pub struct OutputArgs {
-    /// Output file (a `.safetensors` file; `.pth`/`.pt` where supported).
+    /// Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`,
+    /// `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`;
+    /// metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other
+    /// entry of the checkpoint.
     #[arg(short, long, value_name = "PATH")]
     pub output: Option<PathBuf>,
+
+    /// Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`,
+    /// `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and
+    /// `<stem>.safetensors.index.json` beside the output name. When everything fits in one
+    /// shard, the output is one file.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_shard_size: Option<u64>,
 
     /// Replace the output file if it exists.
     #[arg(short, long)]
@@ -92,7 +102,8 @@ pub struct OutputArgs {
 /// Options shared by `ema` and `swa`.
 #[derive(Debug, Args, Clone)]
 pub struct FoldArgs {
-    /// Checkpoints to fold (safetensors).
+    /// Checkpoints to fold: safetensors files, PyTorch checkpoints (`.pth`, `.pt`, `.bin`,
+    /// `.ckpt`, `.pth.tar`) or sharded checkpoints (a directory with an index, or the index).
     #[arg(required = true, value_name = "CKPT")]
     pub inputs: Vec<PathBuf>,
 
@@ -184,7 +195,8 @@ pub struct SwaArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct SwapArgs {
-    /// The checkpoint.
+    /// The checkpoint: safetensors, PyTorch (`.pth`, `.pt`, `.bin`, `.ckpt`, `.pth.tar`) or
+    /// sharded (a directory with an index, or the index).
     #[arg(value_name = "CKPT")]
     pub input: PathBuf,
 
@@ -227,9 +239,49 @@ pub struct InspectArgs {
     #[arg(long)]
     pub stats: bool,
 
-    /// Print one JSON document on stdout.
+    /// Print one JSON document on stdout: `{"version", "files": [...]}`, one entry per
+    /// checkpoint with `path`, `format`, `tensors`, `parameters`, `bytes`, `file_bytes`,
+    /// `dtypes`, `metadata`, `step`, `step_source`, `layout`, `skipped` (`[{name, kind}]`:
+    /// entries of a PyTorch checkpoint that are neither tensors nor plain values), for PyTorch
+    /// checkpoints `tree` (`[{key, kind, tensors, bytes, values, skipped}]`, the top-level
+    /// entries), for sharded ones `shards` (the files), and with --tensors or --stats
+    /// `tensor_list`.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Parses a size: a number with an optional unit, decimal (`KB`, `MB`, `GB`, `TB`, as
+/// Hugging Face counts) or binary (`KiB`, `MiB`, `GiB`, `TiB`); a bare number is bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        u => {
+            return Err(format!(
+                "unknown unit `{u}` in `{s}` (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 5GB or 500MB"))?;
+    let bytes = v * mult as f64;
+    if !(bytes >= 1.0 && bytes < 2f64.powi(63)) {
+        return Err(format!("`{s}` is not a size of at least one byte"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Dtypes a floating-point output can be written as.
@@ -276,6 +328,18 @@ mod tests {
             Command::Ema(a) => assert_eq!(a.strategy, Strategy::Annealing),
             _ => panic!(),
         }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5kb"), Ok(1500));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("GB").is_err());
     }
 
     #[test]

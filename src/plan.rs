@@ -167,21 +167,154 @@ impl Schedule {
         let base = if self.strategy.is_hook() { 0 } else { steps[0] };
         let mut w = vec![0.0f64; n];
         w[0] = 1.0;
+        let mut budget = MAX_TERMS;
         for k in 1..n {
-            // log of Π (1 − m_j) over the updates of the gap, for accuracy with tiny momenta.
-            let mut log_keep = 0.0f64;
-            for j in steps[k - 1] + 1..=steps[k] {
-                if let Some(m) = self.momentum_at(j - base) {
-                    log_keep += (-m).ln_1p();
-                }
-            }
-            let keep = log_keep.exp();
+            // Π (1 − m_j) over the updates of the gap: the share of the average kept.
+            // A plain product: exact for simple momenta (0.25 stays 0.25), and its relative
+            // error (about one f64 ulp per update) is far below f32 rounding.
+            let keep = self.keep(steps[k - 1] + 1 - base, steps[k] - base, &mut budget)?;
             for wi in &mut w[..k] {
                 *wi *= keep;
             }
-            w[k] = -log_keep.exp_m1();
+            w[k] = 1.0 - keep;
         }
         Ok(w)
+    }
+}
+
+/// Gaps of up to this many iterations are multiplied out term by term; longer ones (whose
+/// length comes from step numbers in the input files) are computed in closed form where the
+/// momentum is constant, so that no input can make planning take more than milliseconds.
+pub const EXACT_GAP: u64 = 1 << 16;
+
+/// Most momentum evaluations one plan may take (about a second).
+pub const MAX_TERMS: u64 = 1 << 27;
+
+impl Schedule {
+    /// `Π (1 − m_k)` over the updates `k` in `lo..=hi` (update indices, `lo ≥ 1`).
+    ///
+    /// Momenta that vary are evaluated one by one, taken from `budget`; past it, an error.
+    fn keep(&self, lo: u64, hi: u64, budget: &mut u64) -> Result<f64> {
+        let short = hi - lo < EXACT_GAP;
+        let mut terms = |from: u64, to: u64| -> Result<f64> {
+            // Short gaps cost at most EXACT_GAP evaluations per input file: not counted.
+            let count = if short { 0 } else { self.updates_in(from, to) };
+            *budget = budget.checked_sub(count).ok_or_else(|| {
+                Error::usage(format!(
+                    "--per-iter with these parameters evaluates the momentum at more than \
+                     {MAX_TERMS} iterations; use fewer steps or a shorter warm-up"
+                ))
+            })?;
+            // In increasing k, as a loop over every iteration of the gap multiplies them.
+            let mut keep = 1.0;
+            let mut k = self.first_update(from);
+            while let Some(kk) = k.filter(|&kk| kk <= to) {
+                if let Some(m) = self.momentum_at(kk) {
+                    keep *= 1.0 - m;
+                }
+                k = kk.checked_add(self.interval);
+            }
+            Ok(keep)
+        };
+        if short {
+            return terms(lo, hi);
+        }
+        if self.strategy == Strategy::Swa {
+            // m = 1 / (q + 1) at k = q·interval: Π q / (q + 1) telescopes to q0 / (q1 + 1).
+            let (q0, q1) = (lo.div_ceil(self.interval), hi / self.interval);
+            if q0 > q1 {
+                return Ok(1.0);
+            }
+            return Ok(q0 as f64 / (q1 as f64 + 1.0));
+        }
+        let Some((tail, m)) = self.constant_tail() else {
+            return terms(lo, hi);
+        };
+        let mut keep = 1.0;
+        let mut start = lo;
+        if start < tail {
+            let end = hi.min(tail - 1);
+            keep *= terms(start, end)?;
+            start = end + 1;
+        }
+        if start <= hi {
+            keep *= (1.0 - m).powf(self.updates_in(start, hi) as f64);
+        }
+        Ok(keep)
+    }
+
+    /// Updates happen at update indices k ≡ r (mod interval): r = 1 for mmcv (it % interval
+    /// == 0), 0 for the others.
+    fn update_residue(&self) -> u64 {
+        u64::from(self.strategy == Strategy::Mmcv) % self.interval
+    }
+
+    /// The first update index at or after `k`.
+    fn first_update(&self, k: u64) -> Option<u64> {
+        let (iv, r, km) = (self.interval, self.update_residue(), k % self.interval);
+        // (r − km) mod iv, without overflow for any interval (r, km < iv).
+        k.checked_add(if r >= km { r - km } else { iv - (km - r) })
+    }
+
+    /// Number of update indices in `lo..=hi` (`lo ≥ 1`) at which an update happens.
+    fn updates_in(&self, lo: u64, hi: u64) -> u64 {
+        let r = self.update_residue();
+        let upto = |x: u64| {
+            if x < r {
+                0
+            } else {
+                (x - r) / self.interval + 1
+            }
+        };
+        upto(hi) - upto(lo - 1)
+    }
+
+    /// The update index from which every update has one and the same momentum, and that
+    /// momentum, exactly as [`Schedule::momentum_at`] computes it; `None` when that index is out
+    /// of reach (extreme parameters) or the strategy has none (`swa`).
+    fn constant_tail(&self) -> Option<(u64, f64)> {
+        const FAR: f64 = (1u64 << 62) as f64;
+        let m = self.momentum;
+        let k0 = match self.strategy {
+            Strategy::Exponential => 1.0,
+            Strategy::Swa => return None,
+            // max(m, g / (g + k)) is m once g / (g + k) ≤ m, and g / (g + k) only decreases.
+            Strategy::Annealing => (self.gamma * (1.0 - m) / m).ceil() + 1.0,
+            // min(m^interval, (1 + it) / (warm_up + it)): the warm-up ratio is at least 1 for
+            // warm_up < 1, and otherwise grows towards 1; past it0 it exceeds m^interval by a
+            // margin far above rounding.
+            Strategy::Mmcv | Strategy::LinearMomentum => {
+                let mi = m.powi(self.interval.min(i32::MAX as u64) as i32);
+                if self.warm_up < 1.0 {
+                    1.0
+                } else {
+                    let t = mi * (1.0 + 1e-9);
+                    if t >= 1.0 {
+                        return None;
+                    }
+                    ((t * self.warm_up - 1.0) / (1.0 - t)).max(0.0).ceil() + 2.0
+                }
+            }
+            // (1 − m)·exp(−(1 + it)/total_iter) + m rounds to m once the first term is below
+            // m·2^-56, a quarter of m's half ulp.
+            Strategy::ExpMomentum => {
+                let x = ((1.0 - m) / m).ln().max(0.0) + 56.0 * std::f64::consts::LN_2 + 1.0;
+                (self.total_iter * x).ceil()
+            }
+        };
+        if !(1.0..FAR).contains(&k0) {
+            return None;
+        }
+        let k0 = k0 as u64;
+        // The momentum at the first update from k0 on must be the constant already.
+        let first = self.momentum_at(self.first_update(k0)?)?;
+        let constant = match self.strategy {
+            Strategy::Mmcv | Strategy::LinearMomentum => {
+                m.powi(self.interval.min(i32::MAX as u64) as i32)
+            }
+            _ => m,
+        };
+        (first == constant).then_some((k0, constant))
     }
 }
 
@@ -450,6 +583,114 @@ mod tests {
         let keep = 0.999f64.powi(1000);
         assert!((w[0] - keep).abs() < 1e-12);
         assert!((w[1] - (1.0 - keep)).abs() < 1e-12);
+    }
+
+    /// The per-term product that [`Schedule::keep`] replaces for long gaps.
+    fn keep_by_terms(s: &Schedule, lo: u64, hi: u64) -> f64 {
+        let mut keep = 1.0;
+        for k in lo..=hi {
+            if let Some(m) = s.momentum_at(k) {
+                keep *= 1.0 - m;
+            }
+        }
+        keep
+    }
+
+    #[test]
+    fn long_gaps_in_closed_form_equal_the_product_of_terms() {
+        let all = [
+            Strategy::Exponential,
+            Strategy::Annealing,
+            Strategy::Mmcv,
+            Strategy::ExpMomentum,
+            Strategy::LinearMomentum,
+            Strategy::Swa,
+        ];
+        for st in all {
+            for (m, iv) in [(0.0002, 1), (0.01, 3), (0.3, 7), (0.9, 2)] {
+                let mut s = sched(st, m, iv);
+                s.total_iter = 300.0;
+                s.gamma = 50.0;
+                s.warm_up = 10.0;
+                for (lo, hi) in [(1, 300_000), (5, 200_003), (150_000, 400_000)] {
+                    let fast = s.keep(lo, hi, &mut u64::MAX.clone()).unwrap();
+                    let slow = keep_by_terms(&s, lo, hi);
+                    assert!(
+                        (fast - slow).abs() <= 1e-9 * slow.abs() || fast.max(slow) < 1e-300,
+                        "{st:?} m {m} interval {iv} [{lo}, {hi}]: {fast} vs {slow}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_longest_supported_gap_is_planned_at_once() {
+        let started = std::time::Instant::now();
+        for st in [
+            Strategy::Exponential,
+            Strategy::Annealing,
+            Strategy::Mmcv,
+            Strategy::ExpMomentum,
+            Strategy::LinearMomentum,
+            Strategy::Swa,
+        ] {
+            let w = sched(st, 0.0002, 1)
+                .weights(3, Some(&[7, 8, 7 + MAX_ITERATIONS]))
+                .unwrap();
+            assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{st:?}: {w:?}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn extreme_parameters_over_a_long_gap_are_refused_not_computed_for_minutes() {
+        let mut s = sched(Strategy::Annealing, 0.0002, 1);
+        s.gamma = 1e12;
+        let e = s.weights(2, Some(&[0, MAX_ITERATIONS])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("evaluates the momentum at more than"),
+            "{e}"
+        );
+        // A huge interval is fine: only the updates are visited.
+        let s = sched(Strategy::Exponential, 0.1, 1 << 61);
+        assert!(s.weights(2, Some(&[5, 55_555_555])).is_ok());
+    }
+
+    /// Found by the `plan` fuzz target (a timeout): with a huge interval, finding the first
+    /// update of the constant tail walked every index up to twice the interval.
+    #[test]
+    fn fuzz_regression_huge_interval_timeout() {
+        let s = Schedule {
+            strategy: Strategy::Exponential,
+            momentum: 5.563079979647231e-307,
+            interval: 2858379707068448816,
+            gamma: 1.3980432851308293e-76,
+            warm_up: 1.041200472978504e-42,
+            total_iter: 1.7448420755005895e-76,
+        };
+        s.validate().unwrap();
+        let w = s.weights(2, Some(&[5, 55555555])).unwrap();
+        assert_eq!(w, vec![1.0, 0.0]);
+    }
+
+    /// Found by the `plan` fuzz target (an overflow panic): `r + interval` overflowed for the
+    /// largest interval.
+    #[test]
+    fn fuzz_regression_largest_interval_overflow() {
+        for st in [
+            Strategy::Mmcv,
+            Strategy::Exponential,
+            Strategy::LinearMomentum,
+        ] {
+            let s = sched(st, 1.979225483776471e-258, u64::MAX);
+            s.validate().unwrap();
+            let w = s.weights(6, None).unwrap();
+            let r = sequential(&s, 6);
+            assert_eq!(w, r, "{st:?}");
+            assert!(s.weights(2, Some(&[0, 1 << 20])).is_ok());
+        }
     }
 
     #[test]

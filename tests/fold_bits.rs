@@ -206,14 +206,14 @@ fn fold(
         .build()
         .unwrap();
     pool.install(|| {
-        cpu::execute(
+        cpu::execute_with(
             ckpts,
             &jobs,
             &sink,
             Checks::default(),
             &Progress::default(),
             mapped,
-            None,
+            &[],
         )
     })
     .unwrap();

@@ -29,7 +29,7 @@ fn child(dir: &str) {
     let cleanup = dir.join("out.tmp");
     std::fs::write(&cleanup, b"partial").unwrap();
     let ckpts = [Checkpoint::open(&path).unwrap()];
-    let mapped = Mapped::new(&ckpts, 1, Some(&cleanup)).unwrap();
+    let mapped = Mapped::new(&ckpts, 1, std::slice::from_ref(&cleanup)).unwrap();
     let t = &ckpts[0].tensors[0];
     let data = mapped.bytes(0, &ckpts[0], t, 0, n * 4).unwrap();
     std::fs::OpenOptions::new()

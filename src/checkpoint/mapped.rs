@@ -11,7 +11,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Mutex, Once};
 
@@ -32,9 +32,9 @@ impl Mapped {
     /// Maps every data file of the first `count` checkpoints of `ckpts`.
     ///
     /// Until the value is dropped, a `SIGBUS` on one of the mappings prints
-    /// `ema-tool: <file>: file changed while being read (truncated?)`, removes `cleanup`
-    /// (the temporary output file), and exits with status 1.
-    pub fn new(ckpts: &[Checkpoint], count: usize, cleanup: Option<&Path>) -> Result<Mapped> {
+    /// `ema-tool: <file>: file changed while being read (truncated?)`, removes the files in
+    /// `cleanup` (the temporary outputs), and exits with status 1.
+    pub fn new(ckpts: &[Checkpoint], count: usize, cleanup: &[PathBuf]) -> Result<Mapped> {
         let maps = ckpts[..count.min(ckpts.len())]
             .iter()
             .map(|c| c.files.iter().map(map).collect::<Result<Vec<_>>>())
@@ -120,8 +120,8 @@ fn map(df: &DataFile) -> Result<Mmap> {
 struct GuardState {
     /// Mapped address ranges and the message for each.
     ranges: Vec<(usize, usize, Vec<u8>)>,
-    /// A file to remove before exiting.
-    cleanup: Option<CString>,
+    /// Files to remove before exiting.
+    cleanup: Vec<CString>,
 }
 
 /// The state of the guard in force, or null.
@@ -140,7 +140,7 @@ struct SigbusGuard {
 unsafe impl Sync for SigbusGuard {}
 
 impl SigbusGuard {
-    fn new(ranges: Vec<(usize, usize, Vec<u8>)>, cleanup: Option<&Path>) -> SigbusGuard {
+    fn new(ranges: Vec<(usize, usize, Vec<u8>)>, cleanup: &[PathBuf]) -> SigbusGuard {
         static INSTALL: Once = Once::new();
         INSTALL.call_once(|| {
             // SAFETY: installs a handler that only calls async-signal-safe functions.
@@ -153,7 +153,10 @@ impl SigbusGuard {
             }
         });
         let _lock = GUARD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let cleanup = cleanup.and_then(|p| CString::new(p.as_os_str().as_bytes()).ok());
+        let cleanup = cleanup
+            .iter()
+            .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
+            .collect();
         let state = Box::into_raw(Box::new(GuardState { ranges, cleanup }));
         STATE.store(state, Ordering::Release);
         SigbusGuard { state, _lock }
@@ -178,7 +181,7 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         if let Some(state) = state.as_ref() {
             if let Some((_, _, msg)) = state.ranges.iter().find(|r| r.0 <= addr && addr < r.1) {
                 libc::write(2, msg.as_ptr().cast(), msg.len());
-                if let Some(p) = &state.cleanup {
+                for p in &state.cleanup {
                     libc::unlink(p.as_ptr());
                 }
                 libc::_exit(1);

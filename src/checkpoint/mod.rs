@@ -7,11 +7,15 @@
 //! us ends the run with an error too). No format is ever read whole into memory.
 
 pub mod mapped;
+pub mod pickle;
 pub mod safetensors;
+pub mod sharded;
+pub mod torch;
+pub mod zip;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
@@ -49,41 +53,78 @@ pub struct DataFile {
     pub file: File,
     /// Size when the header was read; reads past it are refused.
     pub len: u64,
+    /// Modification time when the header was read.
+    modified: Option<std::time::SystemTime>,
 }
 
 impl DataFile {
-    /// Opens `path` for reading and records its size.
+    /// Opens `path` for reading and records its size and modification time.
     pub fn open(path: &Path) -> Result<DataFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if meta.is_dir() {
-            return Err(Error::format(path, "is a directory"));
-        }
+        let (file, meta) = open_regular(path)?;
         Ok(DataFile {
             path: path.to_path_buf(),
             file,
             len: meta.len(),
+            modified: meta.modified().ok(),
         })
     }
 
-    /// Checks that the file still has the size it had when its header was read.
+    /// An anonymous file that a reader fills with copies of tensors (a `.pth`'s non-contiguous
+    /// views), reported under `path`; call [`DataFile::seal`] once it is written.
+    pub fn scratch(path: &Path, file: File) -> DataFile {
+        DataFile {
+            path: path.to_path_buf(),
+            file,
+            len: 0,
+            modified: None,
+        }
+    }
+
+    /// Records the current size and modification time, as [`DataFile::open`] does.
+    pub fn seal(&mut self) -> Result<()> {
+        let meta = self.file.metadata().map_err(|e| Error::io(&self.path, e))?;
+        self.len = meta.len();
+        self.modified = meta.modified().ok();
+        Ok(())
+    }
+
+    /// Checks that the file still has the size and modification time it had when its header
+    /// was read: a checkpoint rewritten under us is refused rather than half read.
     pub fn check_unchanged(&self) -> Result<()> {
-        let now = self
-            .file
-            .metadata()
-            .map_err(|e| Error::io(&self.path, e))?
-            .len();
-        if now != self.len {
+        let meta = self.file.metadata().map_err(|e| Error::io(&self.path, e))?;
+        if meta.len() != self.len {
             return Err(Error::format(
                 &self.path,
                 format!(
-                    "file changed size while in use ({} bytes, now {now})",
-                    self.len
+                    "file changed size while in use ({} bytes, now {})",
+                    self.len,
+                    meta.len()
                 ),
             ));
         }
+        if meta.modified().ok() != self.modified {
+            return Err(Error::format(&self.path, "file was modified while in use"));
+        }
         Ok(())
     }
+}
+
+/// Opens a regular file for reading, without blocking on a FIFO or a device: anything else is
+/// refused with a message instead of hanging or reading a stream.
+pub fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::format(path, "is a directory"));
+    }
+    if !meta.is_file() {
+        return Err(Error::format(path, "is not a regular file"));
+    }
+    Ok((file, meta))
 }
 
 /// Where one tensor's bytes are, and what they are.
@@ -153,26 +194,40 @@ pub const SAFETENSORS_STEP_KEYS: [&str; 5] = ["step", "global_step", "iter", "it
 pub const TORCH_STEP_KEYS: [&str; 5] = ["meta.iter", "meta.epoch", "global_step", "epoch", "iter"];
 
 impl Checkpoint {
-    /// Opens a checkpoint of any supported format and validates its header.
+    /// Opens a checkpoint of any supported format and validates its header: a safetensors
+    /// file, a PyTorch zip checkpoint, or a sharded checkpoint (a directory holding an index,
+    /// or the index file itself).
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if meta.is_dir() {
-            return Err(Error::format(
-                path,
-                "is a directory (sharded checkpoints are not supported yet)",
-            ));
+        if meta.is_dir() || sharded::is_index_name(path) {
+            return sharded::open(path);
         }
-        let mut magic = [0u8; 8];
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        Checkpoint::open_file(path)
+    }
+
+    /// Opens a single-file checkpoint, its format told by its first bytes.
+    pub fn open_file(path: &Path) -> Result<Checkpoint> {
+        let mut magic = [0u8; 512];
+        let (file, _) = open_regular(path)?;
         let n = read_up_to(&file, 0, &mut magic).map_err(|e| Error::io(path, e))?;
+        drop(file);
         let magic = &magic[..n];
-        if magic.starts_with(b"PK\x03\x04") || magic.starts_with(b"PK\x05\x06") {
+        if zip::is_zip(magic) {
+            return torch::open(path);
+        }
+        if let Some(what) = legacy_torch(magic) {
             return Err(Error::format(
                 path,
-                "PyTorch zip checkpoints are not supported yet",
+                format!(
+                    "{what} (PyTorch's legacy serialization, torch.save before 1.6 or with \
+                     _use_new_zipfile_serialization=False) is not supported; convert it once, in \
+                     Python, with torch.save(torch.load(\"{p}\", map_location=\"cpu\", \
+                     weights_only=False), \"{p}.zip.pth\") (weights_only=False runs the file's \
+                     pickle: do it only for files you trust)",
+                    p = path.display()
+                ),
             ));
         }
-        drop(file);
         safetensors::open(path)
     }
 
@@ -250,6 +305,27 @@ impl Checkpoint {
     /// Checks that no file changed size since the header was read.
     pub fn check_unchanged(&self) -> Result<()> {
         self.files.iter().try_for_each(DataFile::check_unchanged)
+    }
+}
+
+/// What a file in PyTorch's legacy (pre-zip) format is, from its first 512 bytes: a tar
+/// archive (torch < 0.4) or a bare pickle stream (torch < 1.6).
+fn legacy_torch(magic: &[u8]) -> Option<&'static str> {
+    // A safetensors header (8 bytes of length, then JSON) is never taken for one.
+    if magic.get(8) == Some(&b'{') {
+        return None;
+    }
+    if magic.len() >= 262 && &magic[257..262] == b"ustar" {
+        return Some("a tar archive");
+    }
+    // A pickle (protocol 2 to 5) of torch's legacy magic number 0x1950a86a20f9469cfc6c, or any
+    // pickle stream.
+    match magic {
+        [0x80, 2..=5, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, ..] => {
+            Some("a legacy PyTorch checkpoint")
+        }
+        [0x80, 2..=5, ..] => Some("a pickle file, not a zip archive,"),
+        _ => None,
     }
 }
 

@@ -12,7 +12,7 @@ use crate::cli::FoldArgs;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::fold::{self, Checks, Device, Job, Src};
-use crate::output::{check_target, SafetensorsWriter};
+use crate::output::{check_output_kind, check_target, Writer};
 use crate::plan::{order_inputs, Order, Schedule};
 
 /// The plan of a fold, before any value is read.
@@ -37,9 +37,6 @@ impl Plan {
         let paths: Vec<&Path> = opened.iter().map(|c| c.path.as_path()).collect();
         let steps: Vec<Option<u64>> = opened.iter().map(|c| c.step).collect();
         let ord = order_inputs(args.order, &paths, &steps)?;
-        if let Some(w) = &ord.warning {
-            warn(args.out.quiet, w);
-        }
         let mut slots: Vec<Option<Checkpoint>> = opened.into_iter().map(Some).collect();
         let ckpts: Vec<Checkpoint> = ord
             .perm
@@ -63,6 +60,9 @@ impl Plan {
         } else {
             schedule.weights(ckpts.len(), None)?
         };
+        if let Some(w) = &ord.warning {
+            warn(args.out.quiet, w);
+        }
         let (tensors, jobs) = match_tensors(&ckpts, &weights, args)?;
         Ok(Plan {
             ckpts,
@@ -219,6 +219,7 @@ pub fn run(args: &FoldArgs, schedule: &Schedule, command: &str, params: Value) -
     if !args.dry_run {
         let inputs: Vec<&Path> = args.inputs.iter().map(PathBuf::as_path).collect();
         check_target(&output, &inputs, args.out.force)?;
+        check_output_kind(&output, args.out.max_shard_size)?;
         if let Device::Cuda(n) = args.device {
             fold::cuda::check_device(n)?;
         }
@@ -244,7 +245,14 @@ pub fn run(args: &FoldArgs, schedule: &Schedule, command: &str, params: Value) -
     }
     let last = plan.ckpts.last().expect("at least one input");
     let metadata = provenance(&last.metadata, record.clone());
-    let writer = SafetensorsWriter::create(&output, args.out.force, &plan.tensors, &metadata)?;
+    let writer = Writer::create(
+        &output,
+        args.out.force,
+        &plan.tensors,
+        &metadata,
+        args.out.max_shard_size,
+    )?;
+    let written = writer.display_path(&output);
     let progress = progress(plan.input_bytes(), args.out.quiet);
     fold::execute(
         &plan.ckpts,
@@ -260,7 +268,7 @@ pub fn run(args: &FoldArgs, schedule: &Schedule, command: &str, params: Value) -
     let secs = started.elapsed().as_secs_f64();
     let (folded, copied) = plan.job_counts();
     if args.out.json {
-        record["output"] = json!(output);
+        record["output"] = json!(written);
         record["bytes"] = json!(bytes);
         record["bytes_read"] = json!(progress.bytes());
         record["seconds"] = json!(secs);
@@ -270,7 +278,7 @@ pub fn run(args: &FoldArgs, schedule: &Schedule, command: &str, params: Value) -
     } else if !args.out.quiet {
         eprintln!(
             "ema-tool: wrote {} ({} tensors: {folded} averaged, {copied} copied; {}) from {} checkpoints in {secs:.2} s",
-            output.display(),
+            written.display(),
             plan.tensors.len(),
             human_bytes(bytes),
             plan.ckpts.len(),

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{human_bytes, print_json};
-use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::checkpoint::{torch, Checkpoint, Format, TensorInfo};
 use crate::cli::InspectArgs;
 use crate::error::Result;
 use crate::fold::kernels::decode;
@@ -103,12 +103,27 @@ pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
         "layout": layout,
         "skipped": c.skipped,
     });
+    if c.format == Format::Torch {
+        // The top-level entries of the pickle: which hold tensors, values, skipped objects.
+        v["tree"] = json!(torch::read_archive(&c.path)?.top);
+    }
+    if c.format == Format::Sharded {
+        let mut shards: Vec<&std::path::Path> = Vec::new();
+        for f in &c.files {
+            if !shards.contains(&f.path.as_path()) {
+                shards.push(&f.path);
+            }
+        }
+        v["shards"] = json!(shards);
+    }
     if tensors || stats {
         let stats_list: Vec<Option<Stats>> = if stats {
             c.tensors
                 .par_iter()
                 .map(|t| tensor_stats(c, t).map(Some))
-                .collect::<Result<_>>()?
+                .collect::<Result<Vec<_>>>()
+                // Statistics of a file rewritten while we read it would be of neither version.
+                .and_then(|s| c.check_unchanged().map(|()| s))?
         } else {
             vec![None; c.tensors.len()]
         };
@@ -150,6 +165,48 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// Metadata entries printed by `inspect` without `--json`.
+const MAX_METADATA_LINES: usize = 40;
+
+/// The top-level entries of a PyTorch checkpoint, one line each (a plain state dict in one).
+fn print_tree(tree: &[Value]) {
+    if tree.is_empty() {
+        return;
+    }
+    let n = |e: &Value, k: &str| e[k].as_u64().unwrap_or(0);
+    if tree.iter().all(|e| e["kind"] == "tensor") {
+        let bytes: u64 = tree.iter().map(|e| n(e, "bytes")).sum();
+        println!(
+            "  tree        a plain state dict of {} tensors ({})",
+            tree.len(),
+            human_bytes(bytes)
+        );
+        return;
+    }
+    for (i, e) in tree.iter().enumerate() {
+        let mut parts = vec![e["kind"].as_str().unwrap_or("?").to_string()];
+        if n(e, "tensors") > 0 {
+            parts.push(format!(
+                "{} tensors ({})",
+                n(e, "tensors"),
+                human_bytes(n(e, "bytes"))
+            ));
+        }
+        if n(e, "values") > 0 {
+            parts.push(format!("{} values", n(e, "values")));
+        }
+        if n(e, "skipped") > 0 {
+            parts.push(format!("{} skipped", n(e, "skipped")));
+        }
+        println!(
+            "  {:<12}{}: {}",
+            if i == 0 { "tree" } else { "" },
+            e["key"].as_str().unwrap_or("?"),
+            parts.join(", ")
+        );
+    }
+}
+
 fn print_human(d: &Value) {
     let s = |v: &Value| match v {
         Value::String(s) => s.clone(),
@@ -180,14 +237,26 @@ fn print_human(d: &Value) {
         (step, src) => println!("  step        {step} ({})", s(src).replace('_', " ")),
     }
     if let Some(m) = d["metadata"].as_object() {
-        for (k, v) in m {
-            let v = s(v);
+        // A .pth holds every plain value of its meta, optimizer and loop state; the first
+        // ones are enough here, --json has them all.
+        for (k, v) in m.iter().take(MAX_METADATA_LINES) {
+            // One line per key: control characters (a config's newlines) become spaces.
+            let v: String = s(v)
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
             let v = if v.chars().count() > 80 {
                 format!("{}…", v.chars().take(77).collect::<String>())
             } else {
                 v
             };
             println!("  metadata    {k} = {v}");
+        }
+        if m.len() > MAX_METADATA_LINES {
+            println!(
+                "  metadata    … and {} more (--json shows all)",
+                m.len() - MAX_METADATA_LINES
+            );
         }
     }
     match &d["layout"] {
@@ -198,6 +267,12 @@ fn print_human(d: &Value) {
             l["pairs"],
             s(&l["ema_on"])
         ),
+    }
+    if let Some(tree) = d["tree"].as_array() {
+        print_tree(tree);
+    }
+    if let Some(shards) = d["shards"].as_array() {
+        println!("  shards      {}", shards.len());
     }
     if let Some(skipped) = d["skipped"].as_array() {
         for e in skipped {

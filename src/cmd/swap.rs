@@ -1,19 +1,26 @@
 //! `ema-tool swap`: exchange the EMA and raw weights of a checkpoint, or deploy one side.
+//!
+//! From a PyTorch checkpoint to a PyTorch checkpoint, the swap happens inside the archive: the
+//! file is copied and the storage records of each pair exchange their contents, so the pickle
+//! and every other entry (meta, optimizer, message hub) stay byte for byte as they were and the
+//! training framework can still resume from the result.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use serde_json::json;
 
-use super::{default_output, human_bytes, print_json, progress, provenance};
+use super::{default_output, human_bytes, print_json, progress, provenance, VERSION};
 use crate::checkpoint::safetensors::OutTensor;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::torch::{self, is_torch_name};
+use crate::checkpoint::{Checkpoint, Format};
 use crate::cli::SwapArgs;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::fold::{self, Checks, Device, Job, Src};
 use crate::layout::{self, Pairing, Side};
-use crate::output::{check_target, SafetensorsWriter};
+use crate::output::pth::{comment_for, PatchWriter};
+use crate::output::{check_output_kind, check_target, Writer};
 
 /// Runs `swap`.
 pub fn run(args: &SwapArgs) -> Result<()> {
@@ -27,9 +34,27 @@ pub fn run(args: &SwapArgs) -> Result<()> {
         default_output(&args.input, if args.deploy { "deploy" } else { "swapped" })
     });
     check_target(&output, &[args.input.as_path()], args.out.force)?;
+    check_output_kind(&output, args.out.max_shard_size)?;
+    let in_archive = !args.deploy && is_torch_name(&output);
+    if in_archive && args.out.check_finite {
+        return Err(Error::usage(
+            "--check-finite does not apply to a swap inside a PyTorch checkpoint (no value is \
+             decoded); check with `ema-tool inspect --stats`",
+        ));
+    }
     let ckpt = Checkpoint::open(&args.input)?;
+    if in_archive && ckpt.format != Format::Torch {
+        return Err(Error::usage(format!(
+            "{}: swap writes a PyTorch checkpoint only from a PyTorch checkpoint (whose other \
+             entries it keeps); name the output .safetensors, or use --deploy",
+            output.display()
+        )));
+    }
     let pairing = find_pairing(&ckpt, args)?;
     let ema_side = pairing.ema_side(&ckpt, args.ema_on);
+    if in_archive {
+        return swap_in_archive(ckpt, &pairing, ema_side, &output, args, started);
+    }
 
     let (tensors, jobs, record) = if args.deploy {
         deploy_plan(&ckpt, &pairing, ema_side, args)?
@@ -39,7 +64,14 @@ pub fn run(args: &SwapArgs) -> Result<()> {
     let mut base = ckpt.metadata.clone();
     base.remove("ema_tool");
     let metadata = provenance(&base, record.clone());
-    let writer = SafetensorsWriter::create(&output, args.out.force, &tensors, &metadata)?;
+    let writer = Writer::create(
+        &output,
+        args.out.force,
+        &tensors,
+        &metadata,
+        args.out.max_shard_size,
+    )?;
+    let written = writer.display_path(&output);
     let ckpts = [ckpt];
     let total: u64 = jobs.iter().map(|j| j.input_bytes(&ckpts)).sum();
     let progress = progress(total, args.out.quiet);
@@ -58,7 +90,7 @@ pub fn run(args: &SwapArgs) -> Result<()> {
     if args.out.json {
         let mut summary = record;
         summary["input"] = json!(args.input);
-        summary["output"] = json!(output);
+        summary["output"] = json!(written);
         summary["bytes"] = json!(bytes);
         summary["tensors"] = json!(tensors.len());
         summary["pairs"] = json!(pairing.pairs.len());
@@ -76,9 +108,103 @@ pub fn run(args: &SwapArgs) -> Result<()> {
         };
         eprintln!(
             "ema-tool: wrote {} ({what}; {} layout, EMA was on the {} side; {})",
-            output.display(),
+            written.display(),
             pairing.layout.name(),
             ema_side.name(),
+            human_bytes(bytes)
+        );
+    }
+    Ok(())
+}
+
+/// `swap` from a PyTorch checkpoint to one: exchanges the storage records of the pairs in a
+/// copy of the archive. The side now holding the EMA is recorded in the archive comment when
+/// it is not the layout's default, so swapping twice gives back the input byte for byte.
+fn swap_in_archive(
+    ckpt: Checkpoint,
+    pairing: &Pairing,
+    ema_side: Side,
+    output: &std::path::Path,
+    args: &SwapArgs,
+    started: Instant,
+) -> Result<()> {
+    let path = ckpt.path.clone();
+    let archive = torch::read_archive(&path)?;
+    let names: Vec<(&str, &str)> = pairing
+        .pairs
+        .iter()
+        .map(|p| {
+            (
+                ckpt.tensors[p.model].name.as_str(),
+                ckpt.tensors[p.shadow].name.as_str(),
+            )
+        })
+        .collect();
+    let exchanges = archive.record_exchange(&path, &names)?;
+    let now_on = ema_side.flip();
+    let record = json!({
+        "version": VERSION,
+        "command": "swap",
+        "layout": pairing.layout,
+        "ema_on": now_on,
+        "input": path,
+    });
+    let comment = if now_on == pairing.layout.default_ema_side() {
+        String::new()
+    } else {
+        comment_for(&record)
+    };
+    let slots: Vec<usize> = exchanges.iter().flat_map(|&(a, b)| [a, b]).collect();
+    let records = torch::records_checkpoint(&path, &archive, &slots)?;
+    // Slot 2k takes the bytes of slot 2k + 1 and the other way round.
+    let jobs: Vec<Job> = (0..slots.len())
+        .map(|i| Job::Copy {
+            source: Src {
+                ckpt: 0,
+                tensor: i ^ 1,
+            },
+            out_dtype: DType::U8,
+        })
+        .collect();
+    let writer = PatchWriter::create(
+        output,
+        args.out.force,
+        &path,
+        &archive,
+        &exchanges,
+        &comment,
+    )?;
+    drop(ckpt);
+    let ckpts = [records];
+    let total: u64 = jobs.iter().map(|j| j.input_bytes(&ckpts)).sum();
+    let progress = progress(total, args.out.quiet);
+    fold::execute(
+        &ckpts,
+        &jobs,
+        &writer,
+        Device::Cpu,
+        Checks::default(),
+        &progress,
+    )?;
+    let bytes = writer.commit()?;
+    let secs = started.elapsed().as_secs_f64();
+    if args.out.json {
+        let mut summary = record;
+        summary["output"] = json!(output);
+        summary["bytes"] = json!(bytes);
+        summary["pairs"] = json!(pairing.pairs.len());
+        summary["records_exchanged"] = json!(exchanges.len());
+        summary["seconds"] = json!(secs);
+        print_json(&summary)?;
+    } else if !args.out.quiet {
+        eprintln!(
+            "ema-tool: wrote {} (swapped {} pairs inside the archive, {} storage records \
+             exchanged, every other entry kept; {} layout, EMA now on the {} side; {})",
+            output.display(),
+            pairing.pairs.len(),
+            exchanges.len(),
+            pairing.layout.name(),
+            now_on.name(),
             human_bytes(bytes)
         );
     }

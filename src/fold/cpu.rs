@@ -15,7 +15,7 @@
 //! Each element's value is `((w_0·x_0) + w_1·x_1) + …` in f64, inputs in fold order, rounded
 //! once to the output dtype: the chunking and the number of threads never change a result.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -95,21 +95,39 @@ fn items(ckpts: &[Checkpoint], jobs: &[Job]) -> Vec<Item> {
     items
 }
 
-/// Runs all jobs on the CPU, on every thread of the current rayon pool, reading the first
-/// `mapped_inputs` checkpoints through a mapping ([`MAPPED_INPUTS`]) and the others with
-/// `pread`. `cleanup` is removed if an input is truncated while mapped (the process then exits;
-/// see `checkpoint::mapped`).
-///
-/// On failure, returns the error of the first failing item in job order (items are taken in
-/// order, so every item before it was run).
+/// Runs all jobs on the CPU, on every thread of the current rayon pool: [`execute_with`] with
+/// the first [`MAPPED_INPUTS`] inputs mapped (or `EMA_TOOL_MAPPED_INPUTS`, for benchmarks), and
+/// this process's temporary outputs to remove if a mapped input is truncated.
 pub fn execute(
     ckpts: &[Checkpoint],
     jobs: &[Job],
     sink: &dyn Sink,
     checks: Checks,
     progress: &Progress,
+) -> Result<()> {
+    let mapped = std::env::var("EMA_TOOL_MAPPED_INPUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MAPPED_INPUTS);
+    let cleanup = crate::output::temporaries();
+    execute_with(ckpts, jobs, sink, checks, progress, mapped, &cleanup)
+}
+
+/// Runs all jobs on the CPU, on every thread of the current rayon pool, reading the first
+/// `mapped_inputs` checkpoints through a mapping and the others with `pread`. The files in
+/// `cleanup` are removed if an input is truncated while mapped (the process then exits; see
+/// `checkpoint::mapped`).
+///
+/// On failure, returns the error of the first failing item in job order (items are taken in
+/// order, so every item before it was run).
+pub fn execute_with(
+    ckpts: &[Checkpoint],
+    jobs: &[Job],
+    sink: &dyn Sink,
+    checks: Checks,
+    progress: &Progress,
     mapped_inputs: usize,
-    cleanup: Option<&Path>,
+    cleanup: &[PathBuf],
 ) -> Result<()> {
     let items = items(ckpts, jobs);
     let mapped = Mapped::new(ckpts, mapped_inputs, cleanup)?;

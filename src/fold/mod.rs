@@ -10,6 +10,7 @@ pub mod cpu;
 #[cfg_attr(not(feature = "cuda"), path = "cuda_stub.rs")]
 pub mod cuda;
 pub mod kernels;
+pub mod packing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -55,12 +56,6 @@ impl Job {
 /// `i`'s data. Called from many threads at once, for disjoint ranges.
 pub trait Sink: Sync {
     fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()>;
-
-    /// The file being written, to remove if the process has to exit abruptly (an input
-    /// truncated while mapped).
-    fn temp_path(&self) -> Option<&std::path::Path> {
-        None
-    }
 }
 
 /// The device that folds.
@@ -151,25 +146,17 @@ pub fn execute(
         c.check_unchanged()?;
     }
     let result = match device {
-        Device::Cpu => {
-            let mapped = std::env::var("EMA_TOOL_MAPPED_INPUTS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(cpu::MAPPED_INPUTS);
-            cpu::execute(
-                ckpts,
-                jobs,
-                sink,
-                checks,
-                progress,
-                mapped,
-                sink.temp_path(),
-            )
-        }
+        Device::Cpu => cpu::execute(ckpts, jobs, sink, checks, progress),
         Device::Cuda(n) => cuda::execute(n, ckpts, jobs, sink, checks, progress),
     };
     progress.finish();
-    result
+    result?;
+    // An input rewritten in place while we read it may have given us a mix of old and new
+    // bytes: refuse to commit such an output.
+    for c in ckpts {
+        c.check_unchanged()?;
+    }
+    Ok(())
 }
 
 /// The error for a NaN/Inf found by `--check-finite`.

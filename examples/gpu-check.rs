@@ -1,0 +1,345 @@
+//! Helpers of `bench/gpu-check.sh`: generate checkpoint series, compare two outputs within
+//! SPEC §7's tolerance, and run every fixture case on two devices.
+//!
+//! ```text
+//! gpu-check gen DIR [--count N] [--tensors T] [--elems E] [--small S] [--dtype f32|bf16|f16|f64]
+//! gpu-check compare A B
+//! gpu-check cases FIXTURES EMA_TOOL OUT_DIR [DEVICE]
+//! ```
+//!
+//! `gen` writes `DIR/step_<1000·(k+1)>.safetensors` (`step` metadata): `T` tensors of `E`
+//! elements plus `S` small ones (256 elements) and an int64 counter, values a deterministic
+//! function of (checkpoint, tensor, element) in [-1, 1).
+//!
+//! `compare` checks that B holds the same tensors as A with the same dtypes and shapes, and
+//! values within rtol 1e-5 / atol 1e-6 (f32, f64), one unit in the last place (f16, bf16,
+//! float8) or equal (integers); it prints how many elements are bit-identical. Exit status 1
+//! when anything differs beyond tolerance.
+//!
+//! `cases` runs each case of `FIXTURES/cases.json` (and `pth_cases.json`) with `--device cpu`
+//! and `--device DEVICE` (default `cuda`) and compares the two outputs. A case the CPU path
+//! cannot run (an input format this build does not read) is reported and skipped.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use ema_tool::checkpoint::safetensors::{encode_header, OutTensor};
+use ema_tool::checkpoint::Checkpoint;
+use ema_tool::dtype::DType;
+use ema_tool::fold::kernels;
+use rayon::prelude::*;
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: gpu-check gen DIR [--count N] [--tensors T] [--elems E] [--small S] [--dtype D]\n       \
+         gpu-check compare A B\n       gpu-check cases FIXTURES EMA_TOOL OUT_DIR [DEVICE]"
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("gen") if args.len() >= 2 => gen(&args[1..]),
+        Some("compare") if args.len() == 3 => compare(Path::new(&args[1]), Path::new(&args[2]))
+            .map(|report| {
+                println!("{report}");
+                report.ok()
+            }),
+        Some("cases") if args.len() == 4 || args.len() == 5 => cases(
+            Path::new(&args[1]),
+            Path::new(&args[2]),
+            Path::new(&args[3]),
+            args.get(4).map_or("cuda", String::as_str),
+        ),
+        _ => return usage(),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("gpu-check: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+fn parse<T: std::str::FromStr>(flag: &str, v: Option<&String>) -> Result<T> {
+    v.and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{flag} needs a number"))
+}
+
+/// `gen DIR ...`.
+fn gen(args: &[String]) -> Result<bool> {
+    let dir = PathBuf::from(&args[0]);
+    let (mut count, mut tensors, mut elems, mut small, mut dtype) =
+        (8usize, 64usize, 1usize << 20, 0usize, DType::F32);
+    let mut it = args[1..].iter();
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--count" => count = parse(flag, it.next())?,
+            "--tensors" => tensors = parse(flag, it.next())?,
+            "--elems" => elems = parse(flag, it.next())?,
+            "--small" => small = parse(flag, it.next())?,
+            "--dtype" => {
+                dtype = match it.next().map(String::as_str) {
+                    Some("f32") => DType::F32,
+                    Some("bf16") => DType::BF16,
+                    Some("f16") => DType::F16,
+                    Some("f64") => DType::F64,
+                    _ => return Err("--dtype is f32, bf16, f16 or f64".into()),
+                }
+            }
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut specs: Vec<OutTensor> = (0..tensors)
+        .map(|t| OutTensor {
+            name: format!("layers.{t}.weight"),
+            dtype,
+            shape: vec![elems],
+        })
+        .collect();
+    specs.extend((0..small).map(|t| OutTensor {
+        name: format!("layers.{t}.norm.bias"),
+        dtype,
+        shape: vec![256],
+    }));
+    specs.push(OutTensor {
+        name: "num_batches_tracked".into(),
+        dtype: DType::I64,
+        shape: vec![1],
+    });
+    // One checkpoint per thread: series of many GB are made in seconds.
+    (0..count).into_par_iter().try_for_each(|k| {
+        let (mut vals, mut bytes) = (Vec::new(), Vec::new());
+        let step = 1000 * (k + 1);
+        let meta = BTreeMap::from([("step".to_string(), step.to_string())]);
+        let path = dir.join(format!("step_{step}.safetensors"));
+        let io = |e: std::io::Error| format!("{}: {e}", path.display());
+        let mut w = BufWriter::with_capacity(8 << 20, File::create(&path).map_err(io)?);
+        w.write_all(&encode_header(&specs, &meta).0).map_err(io)?;
+        for (t, spec) in specs.iter().enumerate() {
+            if spec.dtype == DType::I64 {
+                w.write_all(&(step as i64).to_le_bytes()).map_err(io)?;
+                continue;
+            }
+            let n = spec.shape[0];
+            vals.clear();
+            vals.extend((0..n).map(|i| value(k, t, i)));
+            bytes.resize(n * dtype.size(), 0);
+            kernels::encode(dtype, &vals, &mut bytes);
+            w.write_all(&bytes).map_err(io)?;
+        }
+        w.flush().map_err(io)
+    })?;
+    Ok(true)
+}
+
+/// A value in [-1, 1) from (checkpoint, tensor, element): a base per element that changes a
+/// little from one checkpoint to the next, as weights do during training.
+fn value(k: usize, t: usize, i: usize) -> f64 {
+    let mix = |mut x: u64| {
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
+    };
+    let unit = |x: u64| (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+    let base = unit(mix(((t as u64) << 32) ^ i as u64));
+    let drift = unit(mix(((k as u64) << 48)
+        ^ ((t as u64) << 32)
+        ^ i as u64
+        ^ 0x9e37));
+    (base * 0.9 + drift * 0.1).clamp(-1.0, 0.999_999)
+}
+
+/// What `compare` found.
+#[derive(Default)]
+struct Report {
+    tensors: usize,
+    elements: u64,
+    identical: u64,
+    /// Beyond tolerance: (tensor, element, a, b).
+    bad: Vec<(String, usize, f64, f64)>,
+    bad_count: u64,
+    problems: Vec<String>,
+}
+
+impl Report {
+    fn ok(&self) -> bool {
+        self.bad_count == 0 && self.problems.is_empty()
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} tensors, {} elements: {} bit-identical, {} beyond tolerance",
+            self.tensors, self.elements, self.identical, self.bad_count
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        for (name, i, a, b) in &self.bad {
+            write!(f, "\n  {name}[{i}]: {a:e} vs {b:e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Ordinal of a narrow float's bits, monotonic in its value (sign-magnitude to two's
+/// complement), so that one ulp apart is a difference of one.
+fn ordinal(bits: u64, width: usize) -> i64 {
+    let sign = 1u64 << (8 * width - 1);
+    if bits & sign != 0 {
+        -((bits & (sign - 1)) as i64)
+    } else {
+        bits as i64
+    }
+}
+
+fn compare(a: &Path, b: &Path) -> Result<Report> {
+    let open = |p: &Path| Checkpoint::open(p).map_err(|e| e.to_string());
+    let (ca, cb) = (open(a)?, open(b)?);
+    let mut r = Report::default();
+    for ta in &ca.tensors {
+        let Some(tb) = cb.get(&ta.name) else {
+            r.problems
+                .push(format!("{}: missing from {}", ta.name, b.display()));
+            continue;
+        };
+        if (ta.dtype, &ta.shape) != (tb.dtype, &tb.shape) {
+            r.problems.push(format!(
+                "{}: {} {:?} vs {} {:?}",
+                ta.name, ta.dtype, ta.shape, tb.dtype, tb.shape
+            ));
+            continue;
+        }
+        let read = |c: &Checkpoint, t| {
+            let mut v = vec![0u8; ta.len as usize];
+            c.read_at(t, 0, &mut v)
+                .map(|()| v)
+                .map_err(|e| e.to_string())
+        };
+        let (ba, bb) = (read(&ca, ta)?, read(&cb, tb)?);
+        let size = ta.dtype.size();
+        let n = ta.numel() as usize;
+        let (mut va, mut vb) = (vec![0.0; n], vec![0.0; n]);
+        kernels::decode(ta.dtype, &ba, &mut va);
+        kernels::decode(ta.dtype, &bb, &mut vb);
+        r.tensors += 1;
+        r.elements += n as u64;
+        for i in 0..n {
+            let (ea, eb) = (&ba[i * size..][..size], &bb[i * size..][..size]);
+            if ea == eb {
+                r.identical += 1;
+                continue;
+            }
+            let (x, y) = (va[i], vb[i]);
+            let within = match ta.dtype {
+                _ if x.is_nan() && y.is_nan() => true,
+                DType::F32 | DType::F64 => (x - y).abs() <= 1e-6 + 1e-5 * y.abs(),
+                d if d.is_float() => {
+                    let bits = |e: &[u8]| e.iter().rev().fold(0u64, |acc, &b| acc << 8 | b as u64);
+                    (ordinal(bits(ea), size) - ordinal(bits(eb), size)).abs() <= 1
+                }
+                _ => false,
+            };
+            if !within {
+                r.bad_count += 1;
+                if r.bad.len() < 10 {
+                    r.bad.push((ta.name.clone(), i, x, y));
+                }
+            }
+        }
+    }
+    for tb in &cb.tensors {
+        if ca.get(&tb.name).is_none() {
+            r.problems
+                .push(format!("{}: not in {}", tb.name, a.display()));
+        }
+    }
+    Ok(r)
+}
+
+/// `cases FIXTURES EMA_TOOL OUT_DIR DEVICE`.
+fn cases(fixtures: &Path, bin: &Path, out: &Path, device: &str) -> Result<bool> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    for file in ["cases.json", "pth_cases.json"] {
+        let path = fixtures.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let list = doc["cases"].as_array().cloned().unwrap_or_default();
+        for case in list {
+            let name = case["name"].as_str().unwrap_or("?").to_string();
+            let strs = |v: &serde_json::Value| -> Vec<String> {
+                v.as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|s| s.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let args = strs(&case["args"]);
+            let inputs: Vec<PathBuf> = strs(&case["inputs"])
+                .iter()
+                .map(|i| fixtures.join(i))
+                .collect();
+            let run = |dev: &str| -> std::result::Result<PathBuf, String> {
+                let o = out.join(format!("{name}.{}.safetensors", dev.replace(':', "-")));
+                let _ = std::fs::remove_file(&o);
+                let res = Command::new(bin)
+                    .args(&args)
+                    .args(&inputs)
+                    .arg("-o")
+                    .arg(&o)
+                    .args(["--device", dev, "--quiet"])
+                    .output()
+                    .map_err(|e| format!("{}: {e}", bin.display()))?;
+                if res.status.success() {
+                    Ok(o)
+                } else {
+                    Err(String::from_utf8_lossy(&res.stderr).trim().to_string())
+                }
+            };
+            let cpu = match run("cpu") {
+                Ok(p) => p,
+                Err(e) => {
+                    println!("skip  {name}: the CPU path fails: {e}");
+                    skipped += 1;
+                    continue;
+                }
+            };
+            match run(device).and_then(|gpu| compare(&cpu, &gpu)) {
+                Ok(r) if r.ok() => {
+                    println!("ok    {name}: {r}");
+                    passed += 1;
+                }
+                Ok(r) => {
+                    println!("FAIL  {name}: {r}");
+                    failed += 1;
+                }
+                Err(e) => {
+                    println!("FAIL  {name}: {e}");
+                    failed += 1;
+                }
+            }
+        }
+    }
+    println!("cases: {passed} agree, {failed} disagree, {skipped} skipped");
+    Ok(failed == 0 && passed > 0)
+}

@@ -1,0 +1,128 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_ema_tool_global_optspecs
+    string join \n h/help V/version
+end
+
+function __fish_ema_tool_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_ema_tool_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_ema_tool_using_subcommand
+    set -l cmd (__fish_ema_tool_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c ema-tool -n "__fish_ema_tool_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ema-tool -n "__fish_ema_tool_needs_command" -s V -l version -d 'Print version'
+complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "ema" -d 'Fold a series of checkpoints into an exponential moving average'
+complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "swa" -d 'Fold a series of checkpoints into a stochastic weight average (mmengine StochasticWeightAverage: the mean of the inputs taken every --interval)'
+complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "swap" -d 'Exchange the EMA and raw weights inside a checkpoint, or extract deployable weights'
+complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "inspect" -d 'Show what a checkpoint holds: format, tensors, dtypes, metadata, step, EMA layout'
+complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "completions" -d 'Print a shell completion script to stdout'
+complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s s -l strategy -d 'Averaging strategy; the OpenMMLab class names are accepted too' -r -f -a "exponential\t'mmengine `ExponentialMovingAverage`: m_k = momentum'
+annealing\t'mmengine `MomentumAnnealingEMA`: m_k = max(momentum, gamma / (gamma + k))'
+mmcv\t'mmcv `EMAHook`: updates when it % interval == 0, m = min(momentum^interval, (1+it)/(warm_up+it))'
+exp-momentum\t'mmdet `ExpMomentumEMAHook`: updates when (it+1) % interval == 0, m = (1 − momentum)·exp(−(1+it)/total_iter) + momentum'
+linear-momentum\t'mmdet `LinearMomentumEMAHook`: updates when (it+1) % interval == 0, m = min(momentum^interval, (1+it)/(warm_up+it))'
+swa\t'mmengine `StochasticWeightAverage`: m_k = 1 / (k // interval + 1)'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s m -l momentum -d 'Weight of the newer checkpoint in each update (mmengine convention) [default: 0.0002]' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l decay -d 'Decay of the average (timm/torch convention): momentum = 1 - DECAY' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l gamma -d '`annealing`: momentum = max(momentum, gamma / (gamma + k))' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l warm-up -d '`mmcv`, `linear-momentum`: warm-up iterations of the momentum' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l total-iter -d '`exp-momentum`: iterations over which the momentum decays' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
+f16\t''
+bf16\t''
+f64\t''"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l interval -d 'Update every INTERVAL-th step (mmengine/mmcv `interval`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l buffer-pattern -d 'Glob of buffer names for --skip-buffers (repeatable)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l include -d 'Only output tensors whose names match GLOB (repeatable; `*` matches any characters)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l exclude -d 'Leave out tensors whose names match GLOB (repeatable)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l order -d 'How to order the inputs' -r -f -a "auto\t'By step when every input has one, otherwise as given'
+given\t'As given on the command line'
+name\t'Natural sort of the file names (`iter_200` before `iter_1000`)'
+step\t'By step; an input without a step is an error'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l device -d 'Device that folds: cpu, cuda or cuda:N' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s j -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s f -l force -d 'Replace the output file if it exists'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s q -l quiet -d 'Print no progress bar, summary or warnings'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l json -d 'Print a machine-readable JSON summary on stdout'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l check-finite -d 'Fail if any input or output value of a float tensor is NaN or infinite'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l per-iter -d 'Treat momentum as per training iteration: x_k holds over the iterations between the steps of x_{k-1} and x_k, and the schedule is applied at every one of them'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l skip-buffers -d 'Copy buffers (see --buffer-pattern) from the last checkpoint instead of averaging them (mmengine update_buffers=False, mmdet skip_buffers=True)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s n -l dry-run -d 'Print the plan (order, steps, weights) and write nothing'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s V -l version -d 'Print version'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
+f16\t''
+bf16\t''
+f64\t''"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l interval -d 'Update every INTERVAL-th step (mmengine/mmcv `interval`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l buffer-pattern -d 'Glob of buffer names for --skip-buffers (repeatable)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l include -d 'Only output tensors whose names match GLOB (repeatable; `*` matches any characters)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l exclude -d 'Leave out tensors whose names match GLOB (repeatable)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l order -d 'How to order the inputs' -r -f -a "auto\t'By step when every input has one, otherwise as given'
+given\t'As given on the command line'
+name\t'Natural sort of the file names (`iter_200` before `iter_1000`)'
+step\t'By step; an input without a step is an error'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l device -d 'Device that folds: cpu, cuda or cuda:N' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s j -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s f -l force -d 'Replace the output file if it exists'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s q -l quiet -d 'Print no progress bar, summary or warnings'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l json -d 'Print a machine-readable JSON summary on stdout'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l check-finite -d 'Fail if any input or output value of a float tensor is NaN or infinite'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l per-iter -d 'Treat momentum as per training iteration: x_k holds over the iterations between the steps of x_{k-1} and x_k, and the schedule is applied at every one of them'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l skip-buffers -d 'Copy buffers (see --buffer-pattern) from the last checkpoint instead of averaging them (mmengine update_buffers=False, mmdet skip_buffers=True)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s n -l dry-run -d 'Print the plan (order, steps, weights) and write nothing'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s V -l version -d 'Print version'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
+f16\t''
+bf16\t''
+f64\t''"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l ema-on -d 'Which side holds the EMA weights (default: from the file\'s ema-tool metadata, else mmengine → model, mmcv → model, timm → shadow)' -r -f -a "model\t'The model\'s own tensors (`state_dict.<n>`, or `<n>` for mmcv without prefix)'
+shadow\t'The EMA copy\'s tensors (`ema_state_dict.module.<n>`, `ema_<n>`, `state_dict_ema.<n>`)'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l layout -d 'Layout of the EMA/raw pair (default: detected)' -r -f -a "mmengine\t'mmengine EMAHook: `state_dict.<n>` and `ema_state_dict.module.<n>` (+ `ema_state_dict.steps`)'
+mmcv\t'mmcv/mmdet 1.x hooks: `[state_dict.]<n>` and `[state_dict.]ema_<n with . → _>`'
+timm\t'timm: `state_dict.<n>` and `state_dict_ema.<n>`'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l strip-prefix -d 'Prefix stripped from deployed names (repeatable) [default: module.]' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s f -l force -d 'Replace the output file if it exists'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s q -l quiet -d 'Print no progress bar, summary or warnings'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l json -d 'Print a machine-readable JSON summary on stdout'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l check-finite -d 'Fail if any input or output value of a float tensor is NaN or infinite'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s d -l deploy -d 'Write only the EMA weights, under the model\'s own names, as a plain state dict'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l raw -d 'With --deploy: write the raw (non-EMA) weights instead'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s V -l version -d 'Print version'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s t -l tensors -d 'List every tensor: name, dtype, shape, bytes'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -l stats -d 'Read values: min, max, mean, std and NaN/Inf counts per tensor'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -l json -d 'Print one JSON document on stdout: `{"version", "files": [...]}`, one entry per checkpoint with `path`, `format`, `tensors`, `parameters`, `bytes`, `file_bytes`, `dtypes`, `metadata`, `step`, `step_source`, `layout`, `skipped` (`[{name, kind}]`: entries of a PyTorch checkpoint that are neither tensors nor plain values), for PyTorch checkpoints `tree` (`[{key, kind, tensors, bytes, values, skipped}]`, the top-level entries), for sharded ones `shards` (the files), and with --tensors or --stats `tensor_list`'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s V -l version -d 'Print version'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand completions" -s h -l help -d 'Print help'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand completions" -s V -l version -d 'Print version'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "ema" -d 'Fold a series of checkpoints into an exponential moving average'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "swa" -d 'Fold a series of checkpoints into a stochastic weight average (mmengine StochasticWeightAverage: the mean of the inputs taken every --interval)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "swap" -d 'Exchange the EMA and raw weights inside a checkpoint, or extract deployable weights'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "inspect" -d 'Show what a checkpoint holds: format, tensors, dtypes, metadata, step, EMA layout'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "completions" -d 'Print a shell completion script to stdout'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -1,0 +1,1015 @@
+//! A restricted pickle machine: it builds the object graph a pickle describes and never imports,
+//! calls or constructs anything.
+//!
+//! Globals stay names ([`Value::Global`]); a call (`REDUCE`, `NEWOBJ`, `INST`, `OBJ`) becomes a
+//! [`Value::Call`] record of what would have been called with what, and `BUILD` state, list and
+//! dict items given to it are recorded on it. Interpreting those records (torch's tensor
+//! rebuild functions, `OrderedDict`) is the caller's business (`checkpoint::torch`).
+//!
+//! Values live in one arena and refer to each other by [`Id`], so the memo and `DUP` share
+//! instead of copying, and memory grows at most linearly with the pickle's length. Every
+//! opcode of protocols 0 to 5 that `pickle.dump` emits without a buffer callback is understood;
+//! the extension registry and out-of-band buffers are refused. All reads are bounds-checked and
+//! every length is checked against the bytes that remain before anything is allocated, so a
+//! malformed pickle gives an error, never a panic. The arena, the stack, the mark stack and the
+//! memo have caps ([`Limits`]).
+
+use std::collections::HashMap;
+use std::fmt;
+
+/// Index of a value in [`Pickle::values`].
+pub type Id = u32;
+
+/// A global reference (`module.name`), never resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Global {
+    pub module: Box<str>,
+    pub name: Box<str>,
+}
+
+impl Global {
+    /// `module.name`.
+    pub fn dotted(&self) -> String {
+        format!("{}.{}", self.module, self.name)
+    }
+
+    /// Whether this is `module.name`.
+    pub fn is(&self, module: &str, name: &str) -> bool {
+        &*self.module == module && &*self.name == name
+    }
+}
+
+/// What a call would have been: `func(*args)`, then `BUILD` with `state`, then the list items
+/// and dict entries a pickler adds to list and dict subclasses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    pub func: Id,
+    pub args: Id,
+    pub state: Option<Id>,
+    pub items: Vec<Id>,
+    pub entries: Vec<(Id, Id)>,
+}
+
+/// One value of the object graph.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    /// An integer outside the range of `i64`.
+    BigInt,
+    Float(f64),
+    Str(Box<str>),
+    /// `bytes` or `bytearray`, by length (the contents are never needed).
+    Bytes(u64),
+    List(Vec<Id>),
+    Tuple(Vec<Id>),
+    Dict(Vec<(Id, Id)>),
+    /// `set` or `frozenset` (the contents are dropped).
+    Set,
+    Global(Box<Global>),
+    /// A persistent id (`torch.save` uses them for storages).
+    PersId(Id),
+    Call(Box<Call>),
+}
+
+impl Value {
+    /// A short name of the value's type, for messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::None => "None",
+            Value::Bool(_) => "bool",
+            Value::Int(_) | Value::BigInt => "int",
+            Value::Float(_) => "float",
+            Value::Str(_) => "str",
+            Value::Bytes(_) => "bytes",
+            Value::List(_) => "list",
+            Value::Tuple(_) => "tuple",
+            Value::Dict(_) => "dict",
+            Value::Set => "set",
+            Value::Global(_) => "global",
+            Value::PersId(_) => "persistent id",
+            Value::Call(_) => "object",
+        }
+    }
+}
+
+/// Caps on the resources a pickle may use.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Values in the arena.
+    pub max_values: usize,
+    /// Ids stored in containers, summed over all containers.
+    pub max_elements: usize,
+    /// Depth of the value stack.
+    pub max_stack: usize,
+    /// Nested `MARK`s.
+    pub max_marks: usize,
+}
+
+/// The caps used for checkpoints: far above what any real checkpoint's pickle needs (a few
+/// values per tensor), and low enough that a hostile pickle cannot exhaust memory.
+pub const LIMITS: Limits = Limits {
+    max_values: 1 << 23,
+    max_elements: 1 << 25,
+    max_stack: 1 << 20,
+    max_marks: 1 << 12,
+};
+
+/// Why a pickle was refused: what, and at which byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PickleError {
+    pub offset: usize,
+    pub what: String,
+}
+
+impl fmt::Display for PickleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (at byte {})", self.what, self.offset)
+    }
+}
+
+impl std::error::Error for PickleError {}
+
+type PResult<T> = Result<T, PickleError>;
+
+/// A parsed pickle: the arena of values and the root.
+#[derive(Clone, Debug)]
+pub struct Pickle {
+    pub values: Vec<Value>,
+    pub root: Id,
+}
+
+impl Pickle {
+    /// Runs the machine over `data` with the caps of `limits`.
+    pub fn parse(data: &[u8], limits: &Limits) -> PResult<Pickle> {
+        let mut m = Machine {
+            data,
+            pos: 0,
+            op_pos: 0,
+            limits: *limits,
+            values: Vec::new(),
+            elements: 0,
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+        };
+        let root = m.run()?;
+        Ok(Pickle {
+            values: m.values,
+            root,
+        })
+    }
+
+    /// The value `id`; ids come from this pickle, so they are in range.
+    pub fn get(&self, id: Id) -> &Value {
+        &self.values[id as usize]
+    }
+
+    /// The string `id` holds, if it is one.
+    pub fn str(&self, id: Id) -> Option<&str> {
+        match self.get(id) {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The integer `id` holds, if it is one.
+    pub fn int(&self, id: Id) -> Option<i64> {
+        match self.get(id) {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// The global `id` is, if it is one.
+    pub fn global(&self, id: Id) -> Option<&Global> {
+        match self.get(id) {
+            Value::Global(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The items of the tuple or list `id`.
+    pub fn seq(&self, id: Id) -> Option<&[Id]> {
+        match self.get(id) {
+            Value::Tuple(v) | Value::List(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+struct Machine<'a> {
+    data: &'a [u8],
+    pos: usize,
+    op_pos: usize,
+    limits: Limits,
+    values: Vec<Value>,
+    elements: usize,
+    stack: Vec<Id>,
+    marks: Vec<usize>,
+    memo: HashMap<u32, Id>,
+}
+
+/// Opcodes, as named in Lib/pickle.py.
+pub const MARK: u8 = b'(';
+pub const STOP: u8 = b'.';
+pub const POP: u8 = b'0';
+pub const POP_MARK: u8 = b'1';
+pub const DUP: u8 = b'2';
+pub const FLOAT: u8 = b'F';
+pub const INT: u8 = b'I';
+pub const BININT: u8 = b'J';
+pub const BININT1: u8 = b'K';
+pub const LONG: u8 = b'L';
+pub const BININT2: u8 = b'M';
+pub const NONE: u8 = b'N';
+pub const PERSID: u8 = b'P';
+pub const BINPERSID: u8 = b'Q';
+pub const REDUCE: u8 = b'R';
+pub const STRING: u8 = b'S';
+pub const BINSTRING: u8 = b'T';
+pub const SHORT_BINSTRING: u8 = b'U';
+pub const UNICODE: u8 = b'V';
+pub const BINUNICODE: u8 = b'X';
+pub const APPEND: u8 = b'a';
+pub const BUILD: u8 = b'b';
+pub const GLOBAL: u8 = b'c';
+pub const DICT: u8 = b'd';
+pub const EMPTY_DICT: u8 = b'}';
+pub const APPENDS: u8 = b'e';
+pub const GET: u8 = b'g';
+pub const BINGET: u8 = b'h';
+pub const INST: u8 = b'i';
+pub const LONG_BINGET: u8 = b'j';
+pub const LIST: u8 = b'l';
+pub const EMPTY_LIST: u8 = b']';
+pub const OBJ: u8 = b'o';
+pub const PUT: u8 = b'p';
+pub const BINPUT: u8 = b'q';
+pub const LONG_BINPUT: u8 = b'r';
+pub const SETITEM: u8 = b's';
+pub const TUPLE: u8 = b't';
+pub const EMPTY_TUPLE: u8 = b')';
+pub const SETITEMS: u8 = b'u';
+pub const BINFLOAT: u8 = b'G';
+pub const PROTO: u8 = 0x80;
+pub const NEWOBJ: u8 = 0x81;
+pub const EXT1: u8 = 0x82;
+pub const EXT2: u8 = 0x83;
+pub const EXT4: u8 = 0x84;
+pub const TUPLE1: u8 = 0x85;
+pub const TUPLE2: u8 = 0x86;
+pub const TUPLE3: u8 = 0x87;
+pub const NEWTRUE: u8 = 0x88;
+pub const NEWFALSE: u8 = 0x89;
+pub const LONG1: u8 = 0x8a;
+pub const LONG4: u8 = 0x8b;
+pub const BINBYTES: u8 = b'B';
+pub const SHORT_BINBYTES: u8 = b'C';
+pub const SHORT_BINUNICODE: u8 = 0x8c;
+pub const BINUNICODE8: u8 = 0x8d;
+pub const BINBYTES8: u8 = 0x8e;
+pub const EMPTY_SET: u8 = 0x8f;
+pub const ADDITEMS: u8 = 0x90;
+pub const FROZENSET: u8 = 0x91;
+pub const NEWOBJ_EX: u8 = 0x92;
+pub const STACK_GLOBAL: u8 = 0x93;
+pub const MEMOIZE: u8 = 0x94;
+pub const FRAME: u8 = 0x95;
+pub const BYTEARRAY8: u8 = 0x96;
+pub const NEXT_BUFFER: u8 = 0x97;
+pub const READONLY_BUFFER: u8 = 0x98;
+
+impl<'a> Machine<'a> {
+    fn err<T>(&self, what: impl Into<String>) -> PResult<T> {
+        Err(PickleError {
+            offset: self.op_pos,
+            what: what.into(),
+        })
+    }
+
+    fn take(&mut self, n: u64) -> PResult<&'a [u8]> {
+        let rest = (self.data.len() - self.pos) as u64;
+        if n > rest {
+            return self.err(format!("truncated: needs {n} more bytes, {rest} are left"));
+        }
+        let s = &self.data[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> PResult<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn le<const N: usize>(&mut self) -> PResult<[u8; N]> {
+        let mut b = [0u8; N];
+        b.copy_from_slice(self.take(N as u64)?);
+        Ok(b)
+    }
+
+    /// A text line, without its newline.
+    fn line(&mut self) -> PResult<&'a [u8]> {
+        let rest = &self.data[self.pos..];
+        match rest.iter().position(|&b| b == b'\n') {
+            Some(n) => {
+                self.pos += n + 1;
+                Ok(&rest[..n])
+            }
+            None => self.err("truncated: a text argument has no end of line"),
+        }
+    }
+
+    fn line_str(&mut self) -> PResult<&'a str> {
+        let l = self.line()?;
+        match std::str::from_utf8(l) {
+            Ok(s) => Ok(s),
+            Err(_) => self.err("a text argument is not UTF-8"),
+        }
+    }
+
+    fn new_value(&mut self, v: Value) -> PResult<Id> {
+        if self.values.len() >= self.limits.max_values {
+            return self.err(format!(
+                "more than {} values (limit for checkpoint pickles)",
+                self.limits.max_values
+            ));
+        }
+        self.values.push(v);
+        Ok((self.values.len() - 1) as Id)
+    }
+
+    fn push_id(&mut self, id: Id) -> PResult<()> {
+        if self.stack.len() >= self.limits.max_stack {
+            return self.err(format!(
+                "stack deeper than {} entries",
+                self.limits.max_stack
+            ));
+        }
+        self.stack.push(id);
+        Ok(())
+    }
+
+    fn push(&mut self, v: Value) -> PResult<()> {
+        let id = self.new_value(v)?;
+        self.push_id(id)
+    }
+
+    fn base(&self) -> usize {
+        self.marks.last().copied().unwrap_or(0)
+    }
+
+    fn pop(&mut self) -> PResult<Id> {
+        if self.stack.len() <= self.base() {
+            return self.err("stack underflow");
+        }
+        Ok(self.stack.pop().expect("checked above"))
+    }
+
+    fn top(&self) -> PResult<Id> {
+        if self.stack.len() <= self.base() {
+            return self.err("stack underflow");
+        }
+        Ok(*self.stack.last().expect("checked above"))
+    }
+
+    fn pop_mark(&mut self) -> PResult<Vec<Id>> {
+        match self.marks.pop() {
+            Some(base) => Ok(self.stack.split_off(base)),
+            None => self.err("no MARK on the stack"),
+        }
+    }
+
+    fn count(&mut self, n: usize) -> PResult<()> {
+        self.elements = self.elements.saturating_add(n);
+        if self.elements > self.limits.max_elements {
+            return self.err(format!(
+                "more than {} container elements (limit for checkpoint pickles)",
+                self.limits.max_elements
+            ));
+        }
+        Ok(())
+    }
+
+    fn memo_put(&mut self, key: u32) -> PResult<()> {
+        let top = self.top()?;
+        if self.memo.len() >= self.limits.max_values && !self.memo.contains_key(&key) {
+            return self.err("memo too large");
+        }
+        self.memo.insert(key, top);
+        Ok(())
+    }
+
+    fn memo_get(&mut self, key: u32) -> PResult<()> {
+        match self.memo.get(&key) {
+            Some(&id) => self.push_id(id),
+            None => self.err(format!("memo key {key} was never stored")),
+        }
+    }
+
+    fn call(&mut self, func: Id, args: Id) -> PResult<()> {
+        self.push(Value::Call(Box::new(Call {
+            func,
+            args,
+            state: None,
+            items: Vec::new(),
+            entries: Vec::new(),
+        })))
+    }
+
+    fn global(&mut self, module: &str, name: &str) -> PResult<Id> {
+        self.new_value(Value::Global(Box::new(Global {
+            module: module.into(),
+            name: name.into(),
+        })))
+    }
+
+    fn string(&mut self, bytes: &[u8]) -> PResult<()> {
+        let s = String::from_utf8_lossy(bytes).into_owned().into_boxed_str();
+        self.push(Value::Str(s))
+    }
+
+    /// Python 2 `str`: bytes, decoded as Latin-1 as torch does for its ASCII fields.
+    fn latin1(&mut self, bytes: &[u8]) -> PResult<()> {
+        let s: String = bytes.iter().map(|&b| b as char).collect();
+        self.push(Value::Str(s.into_boxed_str()))
+    }
+
+    fn int_text(&mut self, text: &[u8]) -> PResult<()> {
+        let t = std::str::from_utf8(text).unwrap_or("").trim();
+        let t = t.strip_suffix('L').unwrap_or(t);
+        match t {
+            "01" => return self.push(Value::Bool(true)),
+            "00" => return self.push(Value::Bool(false)),
+            _ => {}
+        }
+        if let Ok(i) = t.parse::<i64>() {
+            return self.push(Value::Int(i));
+        }
+        let digits = t.strip_prefix('-').unwrap_or(t);
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            return self.push(Value::BigInt);
+        }
+        self.err("malformed integer")
+    }
+
+    /// Little-endian two's complement of any length.
+    fn long_bytes(&mut self, b: &[u8]) -> PResult<()> {
+        if b.is_empty() {
+            return self.push(Value::Int(0));
+        }
+        let negative = b[b.len() - 1] & 0x80 != 0;
+        let fill = if negative { 0xFF } else { 0 };
+        let n = b.len().min(8);
+        let mut x = [fill; 8];
+        x[..n].copy_from_slice(&b[..n]);
+        let v = i64::from_le_bytes(x);
+        let fits = b[n..].iter().all(|&c| c == fill) && ((v < 0) == negative);
+        self.push(if fits { Value::Int(v) } else { Value::BigInt })
+    }
+
+    fn len_u32(&mut self) -> PResult<u64> {
+        Ok(u64::from(u32::from_le_bytes(self.le()?)))
+    }
+
+    fn len_i32(&mut self) -> PResult<u64> {
+        let n = i32::from_le_bytes(self.le()?);
+        if n < 0 {
+            return self.err("negative length");
+        }
+        Ok(n as u64)
+    }
+
+    fn len_u64(&mut self) -> PResult<u64> {
+        Ok(u64::from_le_bytes(self.le()?))
+    }
+
+    /// Adds `items` to the list (or list subclass) on top of the stack.
+    fn extend_list(&mut self, items: Vec<Id>) -> PResult<()> {
+        let target = self.top()?;
+        self.count(items.len())?;
+        match &mut self.values[target as usize] {
+            Value::List(v) => v.extend(items),
+            Value::Call(c) => c.items.extend(items),
+            other => {
+                let t = other.type_name();
+                return self.err(format!("APPEND to a {t}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds key/value `items` to the dict (or dict subclass) on top of the stack.
+    fn extend_dict(&mut self, items: Vec<Id>) -> PResult<()> {
+        if items.len() % 2 != 0 {
+            return self.err("SETITEMS with an odd number of items");
+        }
+        let target = self.top()?;
+        self.count(items.len())?;
+        let pairs = items.chunks_exact(2).map(|p| (p[0], p[1]));
+        match &mut self.values[target as usize] {
+            Value::Dict(v) => v.extend(pairs),
+            Value::Call(c) => c.entries.extend(pairs),
+            other => {
+                let t = other.type_name();
+                return self.err(format!("SETITEM on a {t}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn tuple(&mut self, items: Vec<Id>) -> PResult<()> {
+        self.count(items.len())?;
+        self.push(Value::Tuple(items))
+    }
+
+    fn run(&mut self) -> PResult<Id> {
+        loop {
+            self.op_pos = self.pos;
+            if self.pos >= self.data.len() {
+                return self.err("truncated: the pickle ends without STOP");
+            }
+            let op = self.u8()?;
+            match op {
+                PROTO => {
+                    let p = self.u8()?;
+                    if p > 5 {
+                        return self.err(format!("unsupported pickle protocol {p}"));
+                    }
+                }
+                FRAME => {
+                    let n = self.len_u64()?;
+                    if n > (self.data.len() - self.pos) as u64 {
+                        return self.err("truncated: a frame runs past the end");
+                    }
+                }
+                STOP => return self.pop(),
+                MARK => {
+                    if self.marks.len() >= self.limits.max_marks {
+                        return self
+                            .err(format!("more than {} nested MARKs", self.limits.max_marks));
+                    }
+                    self.marks.push(self.stack.len());
+                }
+                POP => {
+                    if self.stack.len() > self.base() {
+                        self.stack.pop();
+                    } else {
+                        self.pop_mark()?;
+                    }
+                }
+                POP_MARK => {
+                    self.pop_mark()?;
+                }
+                DUP => {
+                    let t = self.top()?;
+                    self.push_id(t)?;
+                }
+                NONE => self.push(Value::None)?,
+                NEWTRUE => self.push(Value::Bool(true))?,
+                NEWFALSE => self.push(Value::Bool(false))?,
+                INT | LONG => {
+                    let l = self.line()?;
+                    self.int_text(l)?;
+                }
+                BININT => {
+                    let v = i32::from_le_bytes(self.le()?);
+                    self.push(Value::Int(v.into()))?;
+                }
+                BININT1 => {
+                    let v = self.u8()?;
+                    self.push(Value::Int(v.into()))?;
+                }
+                BININT2 => {
+                    let v = u16::from_le_bytes(self.le()?);
+                    self.push(Value::Int(v.into()))?;
+                }
+                LONG1 => {
+                    let n = self.u8()?;
+                    let b = self.take(n.into())?;
+                    self.long_bytes(b)?;
+                }
+                LONG4 => {
+                    let n = self.len_i32()?;
+                    let b = self.take(n)?;
+                    self.long_bytes(b)?;
+                }
+                FLOAT => {
+                    let l = self.line_str()?;
+                    match l.trim().parse::<f64>() {
+                        Ok(f) => self.push(Value::Float(f))?,
+                        Err(_) => return self.err("malformed float"),
+                    }
+                }
+                BINFLOAT => {
+                    let f = f64::from_be_bytes(self.le()?);
+                    self.push(Value::Float(f))?;
+                }
+                STRING => {
+                    let l = self.line()?;
+                    let inner = match l {
+                        [q, inner @ .., q2] if (*q == b'\'' || *q == b'"') && q == q2 => inner,
+                        _ => return self.err("STRING argument is not quoted"),
+                    };
+                    self.latin1(inner)?;
+                }
+                BINSTRING => {
+                    let n = self.len_i32()?;
+                    let b = self.take(n)?;
+                    self.latin1(b)?;
+                }
+                SHORT_BINSTRING => {
+                    let n = self.u8()?;
+                    let b = self.take(n.into())?;
+                    self.latin1(b)?;
+                }
+                UNICODE => {
+                    let l = self.line()?;
+                    self.string(l)?;
+                }
+                BINUNICODE => {
+                    let n = self.len_u32()?;
+                    let b = self.take(n)?;
+                    self.string(b)?;
+                }
+                SHORT_BINUNICODE => {
+                    let n = self.u8()?;
+                    let b = self.take(n.into())?;
+                    self.string(b)?;
+                }
+                BINUNICODE8 => {
+                    let n = self.len_u64()?;
+                    let b = self.take(n)?;
+                    self.string(b)?;
+                }
+                BINBYTES => {
+                    let n = self.len_u32()?;
+                    self.take(n)?;
+                    self.push(Value::Bytes(n))?;
+                }
+                SHORT_BINBYTES => {
+                    let n = self.u8()?;
+                    self.take(n.into())?;
+                    self.push(Value::Bytes(n.into()))?;
+                }
+                BINBYTES8 | BYTEARRAY8 => {
+                    let n = self.len_u64()?;
+                    self.take(n)?;
+                    self.push(Value::Bytes(n))?;
+                }
+                EMPTY_LIST => self.push(Value::List(Vec::new()))?,
+                EMPTY_TUPLE => self.push(Value::Tuple(Vec::new()))?,
+                EMPTY_DICT => self.push(Value::Dict(Vec::new()))?,
+                EMPTY_SET => self.push(Value::Set)?,
+                LIST => {
+                    let items = self.pop_mark()?;
+                    self.count(items.len())?;
+                    self.push(Value::List(items))?;
+                }
+                TUPLE => {
+                    let items = self.pop_mark()?;
+                    self.tuple(items)?;
+                }
+                TUPLE1 | TUPLE2 | TUPLE3 => {
+                    let n = usize::from(op - TUPLE1 + 1);
+                    if self.stack.len() < self.base() + n {
+                        return self.err("stack underflow");
+                    }
+                    let items = self.stack.split_off(self.stack.len() - n);
+                    self.tuple(items)?;
+                }
+                DICT => {
+                    let items = self.pop_mark()?;
+                    if items.len() % 2 != 0 {
+                        return self.err("DICT with an odd number of items");
+                    }
+                    self.count(items.len())?;
+                    let pairs = items.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+                    self.push(Value::Dict(pairs))?;
+                }
+                FROZENSET => {
+                    self.pop_mark()?;
+                    self.push(Value::Set)?;
+                }
+                APPEND => {
+                    let v = self.pop()?;
+                    self.extend_list(vec![v])?;
+                }
+                APPENDS => {
+                    let items = self.pop_mark()?;
+                    self.extend_list(items)?;
+                }
+                SETITEM => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    self.extend_dict(vec![k, v])?;
+                }
+                SETITEMS => {
+                    let items = self.pop_mark()?;
+                    self.extend_dict(items)?;
+                }
+                ADDITEMS => {
+                    self.pop_mark()?;
+                    let target = self.top()?;
+                    match &self.values[target as usize] {
+                        Value::Set | Value::Call(_) => {}
+                        other => {
+                            let t = other.type_name();
+                            return self.err(format!("ADDITEMS on a {t}"));
+                        }
+                    }
+                }
+                GLOBAL => {
+                    let module = self.line_str()?;
+                    let name = self.line_str()?;
+                    let g = self.global(module, name)?;
+                    self.push_id(g)?;
+                }
+                STACK_GLOBAL => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    let (Value::Str(m), Value::Str(n)) =
+                        (&self.values[module as usize], &self.values[name as usize])
+                    else {
+                        return self.err("STACK_GLOBAL of something other than two strings");
+                    };
+                    let (m, n) = (m.clone(), n.clone());
+                    let g = self.global(&m, &n)?;
+                    self.push_id(g)?;
+                }
+                REDUCE => {
+                    let args = self.pop()?;
+                    let func = self.pop()?;
+                    self.call(func, args)?;
+                }
+                NEWOBJ => {
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    self.call(cls, args)?;
+                }
+                NEWOBJ_EX => {
+                    let _kwargs = self.pop()?;
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    self.call(cls, args)?;
+                }
+                INST => {
+                    let module = self.line_str()?;
+                    let name = self.line_str()?;
+                    let items = self.pop_mark()?;
+                    let cls = self.global(module, name)?;
+                    self.count(items.len())?;
+                    let args = self.new_value(Value::Tuple(items))?;
+                    self.call(cls, args)?;
+                }
+                OBJ => {
+                    let mut items = self.pop_mark()?;
+                    if items.is_empty() {
+                        return self.err("OBJ without a class");
+                    }
+                    let cls = items.remove(0);
+                    self.count(items.len())?;
+                    let args = self.new_value(Value::Tuple(items))?;
+                    self.call(cls, args)?;
+                }
+                BUILD => {
+                    let state = self.pop()?;
+                    let target = self.top()?;
+                    if let Value::Call(c) = &mut self.values[target as usize] {
+                        c.state = Some(state);
+                    }
+                }
+                PERSID => {
+                    let l = self.line()?;
+                    let s = String::from_utf8_lossy(l).into_owned().into_boxed_str();
+                    let pid = self.new_value(Value::Str(s))?;
+                    self.push(Value::PersId(pid))?;
+                }
+                BINPERSID => {
+                    let pid = self.pop()?;
+                    self.push(Value::PersId(pid))?;
+                }
+                GET => {
+                    let l = self.line_str()?;
+                    match l.trim().parse::<u32>() {
+                        Ok(k) => self.memo_get(k)?,
+                        Err(_) => return self.err("malformed memo key"),
+                    }
+                }
+                BINGET => {
+                    let k = self.u8()?;
+                    self.memo_get(k.into())?;
+                }
+                LONG_BINGET => {
+                    let k = u32::from_le_bytes(self.le()?);
+                    self.memo_get(k)?;
+                }
+                PUT => {
+                    let l = self.line_str()?;
+                    match l.trim().parse::<u32>() {
+                        Ok(k) => self.memo_put(k)?,
+                        Err(_) => return self.err("malformed memo key"),
+                    }
+                }
+                BINPUT => {
+                    let k = self.u8()?;
+                    self.memo_put(k.into())?;
+                }
+                LONG_BINPUT => {
+                    let k = u32::from_le_bytes(self.le()?);
+                    self.memo_put(k)?;
+                }
+                MEMOIZE => {
+                    let k = u32::try_from(self.memo.len()).unwrap_or(u32::MAX);
+                    self.memo_put(k)?;
+                }
+                EXT1 | EXT2 | EXT4 => {
+                    return self
+                        .err("the copyreg extension registry (EXT opcodes) is not supported")
+                }
+                NEXT_BUFFER | READONLY_BUFFER => {
+                    return self.err("out-of-band buffers are not supported")
+                }
+                _ => return self.err(format!("unknown opcode 0x{op:02x}")),
+            }
+        }
+    }
+}
+
+/// Writing the pickles `torch.save` writes for a state dict (protocol 2).
+pub mod write {
+    /// A pickle being written.
+    #[derive(Default, Debug)]
+    pub struct Writer {
+        pub out: Vec<u8>,
+    }
+
+    impl Writer {
+        /// Starts a protocol-2 pickle.
+        pub fn new() -> Writer {
+            Writer {
+                out: vec![super::PROTO, 2],
+            }
+        }
+
+        pub fn op(&mut self, op: u8) {
+            self.out.push(op);
+        }
+
+        pub fn mark(&mut self) {
+            self.op(super::MARK);
+        }
+
+        pub fn global(&mut self, module: &str, name: &str) {
+            self.op(super::GLOBAL);
+            self.out.extend_from_slice(module.as_bytes());
+            self.out.push(b'\n');
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.push(b'\n');
+        }
+
+        pub fn str(&mut self, s: &str) {
+            self.op(super::BINUNICODE);
+            self.out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            self.out.extend_from_slice(s.as_bytes());
+        }
+
+        pub fn int(&mut self, v: u64) {
+            if v < 256 {
+                self.out.extend_from_slice(&[super::BININT1, v as u8]);
+            } else if v < 65536 {
+                self.op(super::BININT2);
+                self.out.extend_from_slice(&(v as u16).to_le_bytes());
+            } else if v < (1 << 31) {
+                self.op(super::BININT);
+                self.out.extend_from_slice(&(v as u32).to_le_bytes());
+            } else {
+                // LONG1: minimal little-endian two's complement.
+                let mut b = v.to_le_bytes().to_vec();
+                while b.len() > 1 && b[b.len() - 1] == 0 && b[b.len() - 2] & 0x80 == 0 {
+                    b.pop();
+                }
+                if b[b.len() - 1] & 0x80 != 0 {
+                    b.push(0);
+                }
+                self.out.extend_from_slice(&[super::LONG1, b.len() as u8]);
+                self.out.extend_from_slice(&b);
+            }
+        }
+
+        /// A tuple of non-negative integers.
+        pub fn int_tuple(&mut self, v: &[u64]) {
+            if v.is_empty() {
+                self.op(super::EMPTY_TUPLE);
+                return;
+            }
+            self.mark();
+            for &x in v {
+                self.int(x);
+            }
+            self.op(super::TUPLE);
+        }
+
+        pub fn stop(mut self) -> Vec<u8> {
+            self.op(super::STOP);
+            self.out
+        }
+    }
+
+    pub use super::{BINPERSID, EMPTY_TUPLE, NEWFALSE, REDUCE, SETITEMS, TUPLE};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(b: &[u8]) -> PResult<Pickle> {
+        Pickle::parse(b, &LIMITS)
+    }
+
+    #[test]
+    fn dict_of_scalars() {
+        // pickle.dumps({'a': 1, 'b': [2.5, 'x'], 'c': True}, protocol=2)
+        let b = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01X\x01\x00\x00\x00bq\x02]q\x03(G@\x04\x00\x00\x00\x00\x00\x00X\x01\x00\x00\x00xq\x04eX\x01\x00\x00\x00cq\x05\x88u.";
+        let p = parse(b).unwrap();
+        let Value::Dict(e) = p.get(p.root) else {
+            panic!()
+        };
+        assert_eq!(e.len(), 3);
+        assert_eq!(p.str(e[0].0), Some("a"));
+        assert_eq!(p.int(e[0].1), Some(1));
+        let items = p.seq(e[1].1).unwrap();
+        assert_eq!(p.get(items[0]), &Value::Float(2.5));
+        assert_eq!(p.get(e[2].1), &Value::Bool(true));
+    }
+
+    #[test]
+    fn longs() {
+        // LONG1 of -1, of 2**63 (too big), of 2**40
+        let p = parse(b"\x8a\x01\xff.").unwrap();
+        assert_eq!(p.int(p.root), Some(-1));
+        let p = parse(b"\x8a\x09\x00\x00\x00\x00\x00\x00\x00\x80\x00.").unwrap();
+        assert_eq!(p.get(p.root), &Value::BigInt);
+        let p = parse(b"\x8a\x06\x00\x00\x00\x00\x00\x01.").unwrap();
+        assert_eq!(p.int(p.root), Some(1 << 40));
+    }
+
+    #[test]
+    fn malformed() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "without STOP"),
+            (b"\x80\x02", "without STOP"),
+            (b"\x80\x06.", "protocol 6"),
+            (b"\xff", "unknown opcode 0xff"),
+            (b".", "underflow"),
+            (b"X\xff\xff\xff\xff", "truncated"),
+            (b"\x8d\xff\xff\xff\xff\xff\xff\xff\xff", "truncated"),
+            (b"h\x05.", "never stored"),
+            (b"(K\x01d.", "odd number"),
+            (b"K\x01K\x02a.", "APPEND to a int"),
+            (b"K\x01\x82\x01.", "extension registry"),
+            (b"K\x01(2.", "stack underflow"),
+        ];
+        for (b, want) in cases {
+            let e = parse(b).unwrap_err();
+            assert!(e.what.contains(want), "{b:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn caps_hold() {
+        let mut b = vec![b'('; 5000];
+        b.push(b'.');
+        assert!(parse(&b).unwrap_err().what.contains("nested MARK"));
+        let small = Limits {
+            max_values: 10,
+            ..LIMITS
+        };
+        let b = b"]]]]]]]]]]]]].";
+        assert!(Pickle::parse(b, &small)
+            .unwrap_err()
+            .what
+            .contains("more than 10 values"));
+    }
+
+    #[test]
+    fn writer_ints_round_trip() {
+        for v in [
+            0u64,
+            255,
+            256,
+            65535,
+            65536,
+            (1 << 31) - 1,
+            1 << 31,
+            1 << 40,
+            u64::MAX >> 1,
+        ] {
+            let mut w = write::Writer::new();
+            w.int(v);
+            let p = parse(&w.stop()).unwrap();
+            assert_eq!(p.int(p.root), Some(v as i64), "{v}");
+        }
+    }
+}

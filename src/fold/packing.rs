@@ -1,0 +1,317 @@
+//! Packing fold jobs into device batches: which elements go to which kernel launch, and the
+//! byte layout of the buffers that the CUDA kernels (`cuda_kernels.cu`) read and write.
+//!
+//! A [`Batch`] is a list of segments (element ranges of fold jobs) laid end to end in one
+//! accumulator array. For input `k` of its jobs, a *piece* is one host-to-device transfer: the
+//! segment table followed by the raw bytes of input `k` of every segment, as they are in the
+//! files. Small tensors thus share launches and copies, and a large tensor is split over
+//! batches. This module is plain Rust, compiled with or without the `cuda` feature, so that the
+//! layout and the kernels can be tested on a machine without a GPU (see the tests, which run
+//! the kernels through the host C compiler).
+
+use rayon::prelude::*;
+
+use super::{cpu, Checks, Job, Progress, Sink, Src};
+use crate::checkpoint::Checkpoint;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// The CUDA C source of the kernels.
+pub const KERNELS: &str = include_str!("cuda_kernels.cu");
+/// Threads per block (`BLOCK` in the kernels).
+pub const BLOCK: u32 = 256;
+/// Elements one block works on (`BLOCK * ITEMS` in the kernels).
+pub const ELEMS_PER_BLOCK: u64 = BLOCK as u64 * 8;
+/// Bytes of one entry of the segment table (`Seg` in the kernels).
+pub const SEG_BYTES: usize = 56;
+/// Input data of a piece starts this far in, and every segment's data is aligned to
+/// [`DATA_ALIGN`] (16 bytes: any element type, and coalesced loads).
+const TABLE_ALIGN: u64 = 256;
+const DATA_ALIGN: u64 = 16;
+/// The output buffer starts with the error counters (u32 non-finite, u32 overflow), padded.
+pub const OUT_HEADER: usize = 256;
+
+/// `Seg.flags`: first input of the segment (assign instead of add).
+const FLAG_FIRST: u32 = 1;
+/// `Seg.flags`: an input dtype differs from the output dtype (count overflows).
+const FLAG_CONVERTS: u32 = 2;
+
+/// The kernels' code for a float dtype (`DT_*`).
+pub fn dtype_code(d: DType) -> u32 {
+    match d {
+        DType::F32 => 1,
+        DType::F16 => 2,
+        DType::BF16 => 3,
+        DType::F64 => 4,
+        DType::F8E4M3 => 5,
+        DType::F8E5M2 => 6,
+        other => unreachable!("fold jobs have float dtypes, not {other}"),
+    }
+}
+
+/// Caps on one batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Bytes of input data in one piece (padding included).
+    pub data_bytes: u64,
+    /// Elements (accumulators) in one batch.
+    pub elems: u64,
+    /// Segments in one batch.
+    pub segments: usize,
+}
+
+impl Default for Limits {
+    /// 64 MiB pieces (16 Mi f32 elements, a 128 MiB f64 accumulator): large enough that a copy
+    /// takes milliseconds next to microseconds of launch overhead, small enough that a few of
+    /// them in flight stay far below any GPU's memory.
+    fn default() -> Limits {
+        Limits {
+            data_bytes: 64 << 20,
+            elems: 16 << 20,
+            segments: 16 << 10,
+        }
+    }
+}
+
+/// Elements `start .. start + count` of fold job `job`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub job: usize,
+    pub start: u64,
+    pub count: u64,
+    /// Index of its first accumulator in the batch.
+    pub acc: u64,
+    /// Byte offset of its encoded output in the batch's output (after [`OUT_HEADER`]).
+    pub out: u64,
+    /// First block of each launch that works on it.
+    pub first_block: u32,
+}
+
+/// Segments folded by the same launches.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub segments: Vec<Segment>,
+    /// Pieces (inputs) of the batch: the most sources of any of its jobs.
+    pub pieces: usize,
+    /// Accumulators.
+    pub elems: u64,
+    /// Blocks of each launch.
+    pub blocks: u32,
+    /// Bytes of encoded output (after [`OUT_HEADER`]).
+    pub out_bytes: u64,
+    /// Input data bytes so far, padding included (while planning).
+    data: u64,
+}
+
+fn align(n: u64, a: u64) -> u64 {
+    n.div_ceil(a) * a
+}
+
+fn fold_parts(job: &Job) -> Option<(&[Src], &[f64], DType)> {
+    match job {
+        Job::Fold {
+            sources,
+            weights,
+            out_dtype,
+        } => Some((sources, weights, *out_dtype)),
+        Job::Copy { .. } => None,
+    }
+}
+
+fn tensor(ckpts: &[Checkpoint], s: Src) -> (&Checkpoint, &crate::checkpoint::TensorInfo) {
+    let c = &ckpts[s.ckpt];
+    (c, &c.tensors[s.tensor])
+}
+
+/// Splits the fold jobs among `jobs` into batches, in job order. Copy jobs are left out.
+pub fn plan(ckpts: &[Checkpoint], jobs: &[Job], limits: Limits) -> Vec<Batch> {
+    let mut batches = Vec::new();
+    let mut cur = Batch::default();
+    for (j, job) in jobs.iter().enumerate() {
+        let Some((sources, _, out_dtype)) = fold_parts(job) else {
+            continue;
+        };
+        let numel = tensor(ckpts, sources[0]).1.numel();
+        // Bytes per element of the widest input: a bound for every piece.
+        let width = sources
+            .iter()
+            .map(|s| tensor(ckpts, *s).1.dtype.size() as u64)
+            .max()
+            .unwrap_or(1);
+        let mut start = 0;
+        while start < numel {
+            let room_elems = limits.elems - cur.elems;
+            let room_data = limits.data_bytes.saturating_sub(cur.data + DATA_ALIGN - 1) / width;
+            let n = (numel - start).min(room_elems).min(room_data);
+            if n == 0 || cur.segments.len() == limits.segments {
+                assert!(!cur.segments.is_empty(), "limits too small for one element");
+                batches.push(std::mem::take(&mut cur));
+                continue;
+            }
+            cur.segments.push(Segment {
+                job: j,
+                start,
+                count: n,
+                acc: cur.elems,
+                out: cur.out_bytes,
+                first_block: cur.blocks,
+            });
+            cur.pieces = cur.pieces.max(sources.len());
+            cur.elems += n;
+            cur.blocks += n.div_ceil(ELEMS_PER_BLOCK) as u32;
+            cur.data += align(n * width, DATA_ALIGN);
+            cur.out_bytes += align(n * out_dtype.size() as u64, DATA_ALIGN);
+            start += n;
+        }
+    }
+    if !cur.segments.is_empty() {
+        batches.push(cur);
+    }
+    batches
+}
+
+impl Batch {
+    /// Bytes of the segment table, padded to where the data starts.
+    pub fn table_bytes(&self) -> u64 {
+        align((self.segments.len() * SEG_BYTES) as u64, TABLE_ALIGN)
+    }
+
+    /// Bytes of piece `k`: table and data.
+    pub fn piece_bytes(&self, ckpts: &[Checkpoint], jobs: &[Job], k: usize) -> u64 {
+        let mut end = self.table_bytes();
+        for seg in &self.segments {
+            if let Some(s) = fold_parts(&jobs[seg.job]).and_then(|(src, _, _)| src.get(k)) {
+                end += align(
+                    seg.count * tensor(ckpts, *s).1.dtype.size() as u64,
+                    DATA_ALIGN,
+                );
+            }
+        }
+        end
+    }
+
+    /// Writes piece `k` into `buf`: the segment table, then input `k` of every segment read
+    /// from its file (in parallel, in parts of at most 8 MiB). Returns the bytes of the piece
+    /// and the bytes read from the inputs.
+    pub fn fill_piece(
+        &self,
+        ckpts: &[Checkpoint],
+        jobs: &[Job],
+        k: usize,
+        buf: &mut [u8],
+    ) -> Result<(usize, u64)> {
+        const PART: usize = 8 << 20;
+        let table = self.table_bytes() as usize;
+        let (head, mut rest) = buf.split_at_mut(table);
+        let mut pos = table;
+        let mut reads: Vec<(Src, u64, &mut [u8])> = Vec::new();
+        let mut total = 0u64;
+        for (i, seg) in self.segments.iter().enumerate() {
+            let (sources, weights, out_dtype) =
+                fold_parts(&jobs[seg.job]).expect("batches hold fold jobs");
+            let converts = sources
+                .iter()
+                .any(|s| tensor(ckpts, *s).1.dtype != out_dtype);
+            let mut flags = if converts { FLAG_CONVERTS } else { 0 };
+            let (src_off, in_code, weight) = match sources.get(k) {
+                Some(s) => {
+                    let dtype = tensor(ckpts, *s).1.dtype;
+                    let size = dtype.size();
+                    let len = seg.count as usize * size;
+                    let padded = align(len as u64, DATA_ALIGN) as usize;
+                    let (data, tail) = std::mem::take(&mut rest).split_at_mut(padded);
+                    rest = tail;
+                    let mut off = seg.start * size as u64;
+                    for part in data[..len].chunks_mut(PART) {
+                        let n = part.len() as u64;
+                        reads.push((*s, off, part));
+                        off += n;
+                    }
+                    total += len as u64;
+                    let at = pos;
+                    pos += padded;
+                    if k == 0 {
+                        flags |= FLAG_FIRST;
+                    }
+                    (at as u64, dtype_code(dtype), weights[k])
+                }
+                None => (0, 0, 0.0),
+            };
+            let e = &mut head[i * SEG_BYTES..(i + 1) * SEG_BYTES];
+            e[0..8].copy_from_slice(&seg.acc.to_le_bytes());
+            e[8..16].copy_from_slice(&src_off.to_le_bytes());
+            e[16..24].copy_from_slice(&seg.out.to_le_bytes());
+            e[24..32].copy_from_slice(&weight.to_le_bytes());
+            e[32..36].copy_from_slice(&(seg.count as u32).to_le_bytes());
+            e[36..40].copy_from_slice(&seg.first_block.to_le_bytes());
+            e[40..44].copy_from_slice(&in_code.to_le_bytes());
+            e[44..48].copy_from_slice(&dtype_code(out_dtype).to_le_bytes());
+            e[48..52].copy_from_slice(&flags.to_le_bytes());
+            e[52..56].copy_from_slice(&0u32.to_le_bytes());
+        }
+        reads.into_par_iter().try_for_each(|(s, off, part)| {
+            let (c, t) = tensor(ckpts, s);
+            c.read_at(t, off, part)
+        })?;
+        Ok((pos, total))
+    }
+
+    /// Writes the batch's encoded outputs (`out`, the output buffer after [`OUT_HEADER`]) to
+    /// `sink`.
+    pub fn write_out(&self, jobs: &[Job], out: &[u8], sink: &dyn Sink) -> Result<()> {
+        for seg in &self.segments {
+            let (_, _, out_dtype) = fold_parts(&jobs[seg.job]).expect("batches hold fold jobs");
+            let size = out_dtype.size() as u64;
+            let at = seg.out as usize;
+            let bytes = &out[at..at + (seg.count * size) as usize];
+            sink.write(seg.job, seg.start * size, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The error for a batch whose kernels counted NaN/Inf (`--check-finite`) or overflow:
+    /// the CPU path runs the batch's jobs again, and names the input or the output, exactly as
+    /// it does on the CPU.
+    pub fn error_from_cpu(
+        &self,
+        ckpts: &[Checkpoint],
+        jobs: &[Job],
+        checks: Checks,
+        counts: [u32; 2],
+    ) -> Error {
+        let mut sub: Vec<Job> = Vec::new();
+        let mut last = None;
+        for seg in &self.segments {
+            if last != Some(seg.job) {
+                sub.push(jobs[seg.job].clone());
+                last = Some(seg.job);
+            }
+        }
+        match cpu::execute(ckpts, &sub, &Discard, checks, &Progress::default()) {
+            Err(e) => e,
+            Ok(()) => Error::Cuda(format!(
+                "the device counted {} non-finite and {} overflowing values that the CPU path \
+                 does not find (a fault of the device?)",
+                counts[0], counts[1]
+            )),
+        }
+    }
+}
+
+/// Reads the error counters at the start of an output buffer.
+pub fn out_counts(out: &[u8]) -> [u32; 2] {
+    let word = |i: usize| u32::from_le_bytes(out[i..i + 4].try_into().expect("4 bytes"));
+    [word(0), word(4)]
+}
+
+/// A sink that drops what it is given.
+struct Discard;
+
+impl Sink for Discard {
+    fn write(&self, _: usize, _: u64, _: &[u8]) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

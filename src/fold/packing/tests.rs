@@ -1,0 +1,739 @@
+//! Tests of the batch layout, and of the CUDA kernels run on the CPU: `cuda_kernels.cu` is
+//! compiled by the host C compiler (`$CC`, else `cc`) with a small driver that emulates the
+//! launches, and its outputs are compared byte for byte with the CPU path's. Without a C
+//! compiler those tests say so and pass.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use half::{bf16, f16};
+
+use super::*;
+use crate::checkpoint::safetensors::{encode_header, OutTensor};
+use crate::fold::kernels;
+
+/// The launches of the kernels, emulated one block and one thread at a time.
+const DRIVER: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <stddef.h>
+
+static u8* slurp(const char* path, size_t* len) {
+    FILE* f = fopen(path, "rb");
+    if (!f) { perror(path); exit(1); }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    u8* p = (u8*)malloc(n > 0 ? (size_t)n : 1);
+    if (fread(p, 1, (size_t)n, f) != (size_t)n) { perror(path); exit(1); }
+    fclose(f);
+    *len = (size_t)n;
+    return p;
+}
+
+static void spill(const char* path, const void* p, size_t n) {
+    FILE* f = fopen(path, "wb");
+    if (!f || fwrite(p, 1, n, f) != n) { perror(path); exit(1); }
+    fclose(f);
+}
+
+int main(int argc, char** argv) {
+    char path[4096];
+    if (argc == 2 && !strcmp(argv[1], "layout")) {
+        printf("%zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(Seg),
+               offsetof(Seg, acc), offsetof(Seg, src), offsetof(Seg, out),
+               offsetof(Seg, weight), offsetof(Seg, count), offsetof(Seg, first_block),
+               offsetof(Seg, in_dtype), offsetof(Seg, out_dtype), offsetof(Seg, flags),
+               (size_t)(BLOCK * ITEMS));
+        return 0;
+    }
+    if (argc == 4 && !strcmp(argv[1], "encode")) {
+        /* argv[2]: f64 values; argv[3].<dt>: the values stored as each dtype */
+        size_t len;
+        u8* in = slurp(argv[2], &len);
+        size_t n = len / 8;
+        for (u32 dt = 1; dt <= 6; dt++) {
+            u8* out = (u8*)calloc(n * 8 + 1, 1);
+            for (size_t i = 0; i < n; i++) {
+                double v;
+                memcpy(&v, in + 8 * i, 8);
+                store(out, i, dt, v);
+            }
+            static const size_t size[7] = {0, 4, 2, 2, 8, 1, 1};
+            snprintf(path, sizeof path, "%s.%u", argv[3], dt);
+            spill(path, out, n * size[dt]);
+            free(out);
+        }
+        free(in);
+        return 0;
+    }
+    if (argc == 5 && !strcmp(argv[1], "decode")) {
+        /* argv[2]: dtype; argv[3]: elements; argv[4]: their f64 values */
+        u32 dt = (u32)atoi(argv[2]);
+        static const size_t size[7] = {0, 4, 2, 2, 8, 1, 1};
+        size_t len;
+        u8* in = slurp(argv[3], &len);
+        size_t n = len / size[dt];
+        double* out = (double*)malloc(n * 8 + 8);
+        for (size_t i = 0; i < n; i++) out[i] = load(in, i, dt);
+        spill(argv[4], out, n * 8);
+        free(in);
+        free(out);
+        return 0;
+    }
+    if (argc == 9 && !strcmp(argv[1], "batch")) {
+        /* DIR PIECES NSEG BLOCKS ELEMS OUT_BYTES CHECK_FINITE: reads DIR/piece.<k>, writes DIR/out */
+        const char* dir = argv[2];
+        u32 pieces = (u32)atoi(argv[3]), nseg = (u32)atoi(argv[4]), blocks = (u32)atoi(argv[5]);
+        size_t elems = (size_t)atoll(argv[6]), out_bytes = (size_t)atoll(argv[7]);
+        u32 check = (u32)atoi(argv[8]);
+        double* acc = (double*)malloc(elems * 8 + 8);
+        for (size_t i = 0; i < elems; i++) acc[i] = 12345.0; /* garbage: FIRST must overwrite */
+        u8* piece = NULL;
+        for (u32 k = 0; k < pieces; k++) {
+            size_t len;
+            free(piece);
+            snprintf(path, sizeof path, "%s/piece.%u", dir, k);
+            piece = slurp(path, &len);
+            for (u32 b = 0; b < blocks; b++)
+                for (u32 t = 0; t < BLOCK; t++) {
+                    blockIdx.x = b;
+                    threadIdx.x = t;
+                    ema_accumulate(piece, nseg, acc);
+                }
+        }
+        u8* out = (u8*)calloc(256 + out_bytes, 1);
+        for (u32 b = 0; b < blocks; b++)
+            for (u32 t = 0; t < BLOCK; t++) {
+                blockIdx.x = b;
+                threadIdx.x = t;
+                ema_encode(piece, nseg, acc, out + 256, (u32*)out, check);
+            }
+        snprintf(path, sizeof path, "%s/out", dir);
+        spill(path, out, 256 + out_bytes);
+        free(out);
+        free(piece);
+        free(acc);
+        return 0;
+    }
+    fprintf(stderr, "bad arguments\n");
+    return 2;
+}
+"#;
+
+/// The emulator binary, built once per test run; `None` without a working C compiler.
+fn emulator() -> Option<&'static Path> {
+    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ema-tool-kernels-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let src = dir.join("emulator.c");
+        let text = format!("#define EMA_HOST_TEST 1\n{KERNELS}\n{DRIVER}");
+        std::fs::write(&src, text).ok()?;
+        let bin = dir.join("emulator");
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+        // With the sanitizers where the compiler has them: an access outside a buffer by the
+        // kernels fails the test instead of passing by luck.
+        for extra in [&["-fsanitize=address,undefined"][..], &[]] {
+            let ok = Command::new(&cc)
+                .args(["-std=c99", "-O1", "-ffp-contract=off", "-Wall", "-o"])
+                .arg(&bin)
+                .arg(&src)
+                .args(extra)
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return Some(bin);
+            }
+        }
+        eprintln!("note: no working C compiler ({cc}); the CUDA kernels are not emulated");
+        None
+    })
+    .as_deref()
+}
+
+fn run(bin: &Path, args: &[&str]) {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .expect("emulator runs");
+    assert!(
+        out.status.success(),
+        "emulator {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ema-tool-packing-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// Deterministic pseudo-random numbers (xorshift64*).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in [-scale, scale).
+    fn float(&mut self, scale: f64) -> f64 {
+        ((self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
+    }
+}
+
+fn encode_vals(dtype: DType, vals: &[f64]) -> Vec<u8> {
+    let mut out = vec![0u8; vals.len() * dtype.size()];
+    kernels::encode(dtype, vals, &mut out);
+    out
+}
+
+/// Writes a safetensors file of `(name, dtype, shape, values)`.
+fn write_st(path: &Path, tensors: &[(&str, DType, Vec<usize>, Vec<f64>)]) {
+    let outs: Vec<OutTensor> = tensors
+        .iter()
+        .map(|(n, d, s, _)| OutTensor {
+            name: n.to_string(),
+            dtype: *d,
+            shape: s.clone(),
+        })
+        .collect();
+    let (mut bytes, _) = encode_header(&outs, &BTreeMap::new());
+    for (_, d, _, v) in tensors {
+        bytes.extend(encode_vals(*d, v));
+    }
+    std::fs::write(path, bytes).expect("write checkpoint");
+}
+
+/// Output tensors in memory.
+struct MemSink(Mutex<Vec<Vec<u8>>>);
+
+impl MemSink {
+    fn new(ckpts: &[Checkpoint], jobs: &[Job]) -> MemSink {
+        let sizes = jobs.iter().map(|j| {
+            let (s, d) = match j {
+                Job::Fold {
+                    sources, out_dtype, ..
+                } => (sources[0], *out_dtype),
+                Job::Copy { source, out_dtype } => (*source, *out_dtype),
+            };
+            tensor(ckpts, s).1.numel() as usize * d.size()
+        });
+        MemSink(Mutex::new(sizes.map(|n| vec![0xEE; n]).collect()))
+    }
+    fn into_inner(self) -> Vec<Vec<u8>> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+impl Sink for MemSink {
+    fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
+        let mut v = self.0.lock().unwrap();
+        let off = off as usize;
+        v[tensor][off..off + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// What the CUDA executor does with each batch, with the emulator in place of the device.
+fn emulate(
+    bin: &Path,
+    ckpts: &[Checkpoint],
+    jobs: &[Job],
+    limits: Limits,
+    checks: Checks,
+) -> Result<Vec<Vec<u8>>> {
+    let dir = tmp();
+    let sink = MemSink::new(ckpts, jobs);
+    for batch in plan(ckpts, jobs, limits) {
+        let size = (0..batch.pieces)
+            .map(|k| batch.piece_bytes(ckpts, jobs, k))
+            .max()
+            .unwrap() as usize;
+        for k in 0..batch.pieces {
+            // Garbage in the padding, as in a reused staging buffer.
+            let mut buf = vec![0xA5u8; size];
+            let (len, read) = batch.fill_piece(ckpts, jobs, k, &mut buf)?;
+            assert_eq!(len as u64, batch.piece_bytes(ckpts, jobs, k));
+            assert!(read <= len as u64);
+            std::fs::write(dir.path().join(format!("piece.{k}")), &buf[..len]).unwrap();
+        }
+        let d = dir.path().to_str().unwrap();
+        let args = [
+            batch.pieces.to_string(),
+            batch.segments.len().to_string(),
+            batch.blocks.to_string(),
+            batch.elems.to_string(),
+            batch.out_bytes.to_string(),
+            u32::from(checks.finite).to_string(),
+        ];
+        let mut all = vec!["batch", d];
+        all.extend(args.iter().map(String::as_str));
+        run(bin, &all);
+        let out = std::fs::read(dir.path().join("out")).unwrap();
+        let counts = out_counts(&out);
+        if counts != [0, 0] {
+            return Err(batch.error_from_cpu(ckpts, jobs, checks, counts));
+        }
+        batch.write_out(jobs, &out[OUT_HEADER..], &sink)?;
+    }
+    Ok(sink.into_inner())
+}
+
+fn cpu_outputs(ckpts: &[Checkpoint], jobs: &[Job], checks: Checks) -> Result<Vec<Vec<u8>>> {
+    let sink = MemSink::new(ckpts, jobs);
+    cpu::execute(ckpts, jobs, &sink, checks, &Progress::default())?;
+    Ok(sink.into_inner())
+}
+
+fn decoded(dtype: DType, bytes: &[u8]) -> Vec<f64> {
+    let mut v = vec![0.0; bytes.len() / dtype.size()];
+    kernels::decode(dtype, bytes, &mut v);
+    v
+}
+
+/// Whether `half` rounds f64 to f16 through f32 here, as the kernels do (x86 with F16C).
+fn f16_through_f32() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+/// Asserts the kernels' bytes equal the CPU path's: bit for bit, NaN payloads aside, and for
+/// f16 on hosts where the CPU path rounds f64 to f16 directly, within one unit in the last
+/// place (the two roundings differ only at ties of the f32 value).
+fn assert_same(what: &str, dtype: DType, gpu: &[u8], cpu: &[u8]) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    let (g, c) = (decoded(dtype, gpu), decoded(dtype, cpu));
+    let size = dtype.size();
+    for (i, (a, b)) in g.iter().zip(&c).enumerate() {
+        if a.is_nan() && b.is_nan() {
+            continue;
+        }
+        let (ga, cb) = (&gpu[i * size..][..size], &cpu[i * size..][..size]);
+        if ga == cb {
+            continue;
+        }
+        let near = dtype == DType::F16 && !f16_through_f32() && {
+            let x = u16::from_le_bytes([ga[0], ga[1]]);
+            let y = u16::from_le_bytes([cb[0], cb[1]]);
+            (x ^ y) & 0x8000 == 0 && x.abs_diff(y) == 1
+        };
+        assert!(
+            near,
+            "{what}: element {i}: kernels give {a:e} ({ga:02x?}), the CPU path {b:e} ({cb:02x?})"
+        );
+    }
+}
+
+const FLOATS: [DType; 6] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::F64,
+    DType::F8E4M3,
+    DType::F8E5M2,
+];
+
+#[test]
+fn constants_match_the_kernels() {
+    let define = |name: &str| -> u64 {
+        let line = KERNELS
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("#define {name}"));
+        let v = line
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .trim_end_matches('u');
+        v.parse().unwrap()
+    };
+    assert_eq!(define("BLOCK"), BLOCK as u64);
+    assert_eq!(define("BLOCK") * define("ITEMS"), ELEMS_PER_BLOCK);
+    assert_eq!(define("FLAG_FIRST"), FLAG_FIRST as u64);
+    assert_eq!(define("FLAG_CONVERTS"), FLAG_CONVERTS as u64);
+    for (d, name) in FLOATS.iter().zip([
+        "DT_F32",
+        "DT_F16",
+        "DT_BF16",
+        "DT_F64",
+        "DT_F8E4M3",
+        "DT_F8E5M2",
+    ]) {
+        assert_eq!(define(name), dtype_code(*d) as u64, "{name}");
+    }
+    // The table as the C compiler lays it out (the same ABI rules as NVRTC's for this struct).
+    if let Some(bin) = emulator() {
+        let out = Command::new(bin).arg("layout").output().unwrap();
+        let got = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(got.trim(), "56 0 8 16 24 32 36 40 44 48 2048");
+        assert_eq!(SEG_BYTES, 56);
+    }
+}
+
+/// The NVRTC side of the kernel source, with the CUDA built-ins declared, is valid C++ (NVRTC
+/// compiles C++; the emulator tests compile the other side of its `#ifdef` as C).
+#[test]
+fn kernels_are_valid_cpp() {
+    const BUILTINS: &str =
+        "#define __global__\n#define __device__\n#define __forceinline__ inline\n\
+        struct uint3 { unsigned int x, y, z; };\nstatic uint3 blockIdx, threadIdx;\n\
+        float __uint_as_float(unsigned int);\nunsigned int __float_as_uint(float);\n\
+        double __longlong_as_double(long long);\nlong long __double_as_longlong(double);\n\
+        double __dmul_rn(double, double);\ndouble __dadd_rn(double, double);\n\
+        unsigned int atomicAdd(unsigned int*, unsigned int);\n";
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let dir = tmp();
+    let src = dir.path().join("kernels.cu.cpp");
+    std::fs::write(&src, format!("{BUILTINS}{KERNELS}")).unwrap();
+    let out = match Command::new(&cxx)
+        .args([
+            "-std=c++11",
+            "-fsyntax-only",
+            "-Wall",
+            "-Werror",
+            "-Wno-unused-function",
+        ])
+        .arg(&src)
+        .output()
+    {
+        Ok(o) => o,
+        Err(_) => {
+            eprintln!("note: no C++ compiler ({cxx}); the kernels' C++ is not checked");
+            return;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Three checkpoints holding every float dtype, mixed dtypes in one tensor, a tensor larger
+/// than the test batches, an empty tensor and a scalar.
+fn fixture(dir: &Path) -> Vec<Checkpoint> {
+    let mut rng = Rng(0x5eed);
+    let mut paths = Vec::new();
+    let mixed = [DType::F32, DType::BF16, DType::F16];
+    let f8s = [DType::F8E4M3, DType::F8E5M2, DType::F8E4M3];
+    for k in 0..3 {
+        let mut v = |n: usize, scale: f64| (0..n).map(|_| rng.float(scale)).collect::<Vec<_>>();
+        let mut tiny = v(300, 1e-5);
+        tiny.extend(v(300, 1e-38)); // f32 and bf16 subnormals
+        tiny.extend([0.0, -0.0, 6e-8, -6e-8, 1e-45]); // f16 subnormals
+        let tensors = vec![
+            ("big.f32", DType::F32, vec![50, 101], v(5050, 2.0)),
+            ("b.bf16", DType::BF16, vec![1500], v(1500, 3.0)),
+            ("c.f16", DType::F16, vec![7, 111], v(777, 60000.0)),
+            ("d.mixed", mixed[k], vec![1000], v(1000, 1.0)),
+            ("e.f64", DType::F64, vec![100], v(100, 1e10)),
+            ("f.f8", f8s[k], vec![600], v(600, 400.0)),
+            ("g.empty", DType::F32, vec![0, 4], vec![]),
+            ("h.scalar", DType::F32, vec![], v(1, 1.0)),
+            ("i.tiny", DType::F32, vec![tiny.len()], tiny),
+        ];
+        let p = dir.join(format!("iter_{k}.safetensors"));
+        write_st(&p, &tensors);
+        paths.push(p);
+    }
+    paths.iter().map(|p| Checkpoint::open(p).unwrap()).collect()
+}
+
+/// A fold job per tensor and output dtype (f8 outputs only for tensors that fit them), with
+/// weights that are not all equal, and copy jobs in between that batches skip.
+fn fixture_jobs(ckpts: &[Checkpoint]) -> Vec<Job> {
+    let weights = [0.0625, 0.3125, 0.625];
+    let mut jobs = Vec::new();
+    for (ti, t) in ckpts[0].tensors.iter().enumerate() {
+        for out in FLOATS {
+            let f8 = matches!(out, DType::F8E4M3 | DType::F8E5M2);
+            if f8 && !(t.name.starts_with("f.") || t.name.starts_with("d.")) {
+                continue;
+            }
+            if out == DType::F16 && t.name.starts_with("e.") {
+                continue; // would overflow
+            }
+            jobs.push(Job::Fold {
+                sources: (0..3)
+                    .map(|c| Src {
+                        ckpt: c,
+                        tensor: ti,
+                    })
+                    .collect(),
+                weights: weights.to_vec(),
+                out_dtype: out,
+            });
+        }
+        jobs.push(Job::Copy {
+            source: Src {
+                ckpt: 2,
+                tensor: ti,
+            },
+            out_dtype: t.dtype,
+        });
+    }
+    // A job with fewer inputs than the others in its batch.
+    jobs.push(Job::Fold {
+        sources: vec![Src { ckpt: 1, tensor: 0 }, Src { ckpt: 2, tensor: 0 }],
+        weights: vec![0.25, 0.75],
+        out_dtype: DType::F32,
+    });
+    jobs
+}
+
+#[test]
+fn plan_covers_every_element_once_within_limits() {
+    let dir = tmp();
+    let ckpts = fixture(dir.path());
+    let jobs = fixture_jobs(&ckpts);
+    for limits in [
+        Limits::default(),
+        Limits {
+            data_bytes: 8192,
+            elems: 3000,
+            segments: 4,
+        },
+        Limits {
+            data_bytes: 64,
+            elems: 1,
+            segments: 1,
+        },
+    ] {
+        let batches = plan(&ckpts, &jobs, limits);
+        let mut covered: Vec<u64> = jobs.iter().map(|_| 0).collect();
+        for b in &batches {
+            assert!(!b.segments.is_empty() && b.segments.len() <= limits.segments);
+            assert!(b.elems <= limits.elems);
+            let (mut acc, mut blocks, mut out) = (0, 0, 0);
+            for s in &b.segments {
+                assert_eq!(s.start, covered[s.job], "segments of a job in order");
+                covered[s.job] += s.count;
+                assert_eq!((s.acc, s.first_block, s.out), (acc, blocks, out));
+                acc += s.count;
+                blocks += s.count.div_ceil(ELEMS_PER_BLOCK) as u32;
+                let Job::Fold { out_dtype, .. } = &jobs[s.job] else {
+                    panic!("a copy job in a batch")
+                };
+                out += align(s.count * out_dtype.size() as u64, DATA_ALIGN);
+            }
+            assert_eq!((b.elems, b.blocks, b.out_bytes), (acc, blocks, out));
+            for k in 0..b.pieces {
+                let data = b.piece_bytes(&ckpts, &jobs, k) - b.table_bytes();
+                assert!(data <= limits.data_bytes, "{data} > {}", limits.data_bytes);
+            }
+        }
+        for (j, job) in jobs.iter().enumerate() {
+            let want = match job {
+                Job::Fold { sources, .. } => tensor(&ckpts, sources[0]).1.numel(),
+                Job::Copy { .. } => 0,
+            };
+            assert_eq!(covered[j], want, "job {j}");
+        }
+    }
+}
+
+#[test]
+fn emulated_kernels_write_the_cpu_paths_bytes() {
+    let Some(bin) = emulator() else { return };
+    let dir = tmp();
+    let ckpts = fixture(dir.path());
+    let jobs = fixture_jobs(&ckpts);
+    let cpu = cpu_outputs(&ckpts, &jobs, Checks::default()).unwrap();
+    for limits in [
+        Limits::default(),
+        Limits {
+            data_bytes: 8192,
+            elems: 3000,
+            segments: 4,
+        },
+    ] {
+        let gpu = emulate(bin, &ckpts, &jobs, limits, Checks { finite: true }).unwrap();
+        for (j, job) in jobs.iter().enumerate() {
+            if let Job::Fold {
+                sources, out_dtype, ..
+            } = job
+            {
+                let name = &tensor(&ckpts, sources[0]).1.name;
+                let what = format!("{name} as {out_dtype} ({limits:?})");
+                assert_same(&what, *out_dtype, &gpu[j], &cpu[j]);
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_kernels_report_what_the_cpu_path_reports() {
+    let Some(bin) = emulator() else { return };
+    let dir = tmp();
+    let mk = |name: &str, vals: [f64; 4]| {
+        let p = dir.path().join(name);
+        write_st(&p, &[("w", DType::F32, vec![4], vals.to_vec())]);
+        Checkpoint::open(&p).unwrap()
+    };
+    let ckpts = vec![
+        mk("a.safetensors", [1.0, 2.0, 1e5, 3.0]),
+        mk("b.safetensors", [1.0, f64::NAN, 1e5, 3.0]),
+    ];
+    let fold = |out_dtype| {
+        vec![Job::Fold {
+            sources: vec![Src { ckpt: 0, tensor: 0 }, Src { ckpt: 1, tensor: 0 }],
+            weights: vec![0.5, 0.5],
+            out_dtype,
+        }]
+    };
+    let finite = Checks { finite: true };
+    // NaN in an input, with --check-finite: the same error naming the input.
+    let jobs = fold(DType::F32);
+    let gpu = emulate(bin, &ckpts, &jobs, Limits::default(), finite).unwrap_err();
+    let cpu = cpu_outputs(&ckpts, &jobs, finite).unwrap_err();
+    assert_eq!(gpu.to_string(), cpu.to_string());
+    assert!(gpu.to_string().contains("b.safetensors"), "{gpu}");
+    // Without it, NaN passes through.
+    let out = emulate(bin, &ckpts, &jobs, Limits::default(), Checks::default()).unwrap();
+    assert!(decoded(DType::F32, &out[0])[1].is_nan());
+    // 1e5 overflows f16: the CPU path's overflow error.
+    let jobs = fold(DType::F16);
+    let gpu = emulate(bin, &ckpts, &jobs, Limits::default(), Checks::default()).unwrap_err();
+    let cpu = cpu_outputs(&ckpts, &jobs, Checks::default()).unwrap_err();
+    assert_eq!(gpu.to_string(), cpu.to_string());
+    assert!(gpu.to_string().contains("overflow"), "{gpu}");
+}
+
+/// Values that exercise rounding: ties between neighbours of every narrow format, values just
+/// off the ties, the edges of each range, specials, and random values over many binades.
+fn codec_values() -> Vec<f64> {
+    let mut v = vec![
+        0.0,
+        -0.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        f64::MIN_POSITIVE,
+        5e-324,
+        1e300,
+        -1e300,
+        f32::MAX as f64,
+        f32::MAX as f64 * (1.0 + 2f64.powi(-25)),
+        f32::MAX as f64 * (1.0 + 2f64.powi(-24)),
+        f32::MIN_POSITIVE as f64 / 3.0,
+        65504.0,
+        65519.99,
+        65520.0,
+        448.0,
+        464.0,
+        464.1,
+        480.0,
+        57344.0,
+        61440.0,
+        61439.0,
+    ];
+    let mut neighbours = |vals: Vec<f64>| {
+        for w in vals.windows(2) {
+            if w[0].is_finite() && w[1].is_finite() {
+                let mid = (w[0] + w[1]) / 2.0;
+                v.extend([
+                    w[0],
+                    mid,
+                    mid * (1.0 + 2f64.powi(-40)),
+                    mid * (1.0 - 2f64.powi(-40)),
+                ]);
+            }
+        }
+    };
+    neighbours((0..0x7c00u16).map(|b| f16::from_bits(b).to_f64()).collect());
+    neighbours(
+        (0..0x7f80u16)
+            .step_by(7)
+            .map(|b| bf16::from_bits(b).to_f64())
+            .collect(),
+    );
+    for d in [DType::F8E4M3, DType::F8E5M2] {
+        neighbours(decoded(d, &(0..0x7fu8).collect::<Vec<_>>()));
+    }
+    let mut rng = Rng(42);
+    for _ in 0..20000 {
+        let e = (rng.next() % 300) as i32 - 150;
+        v.push(rng.float(1.0) * 2f64.powi(e));
+    }
+    let neg: Vec<f64> = v.iter().map(|x| -x).collect();
+    v.extend(neg);
+    v
+}
+
+#[test]
+fn emulated_encoders_match_the_cpu_encoders() {
+    let Some(bin) = emulator() else { return };
+    let dir = tmp();
+    let vals = codec_values();
+    let input = dir.path().join("vals");
+    std::fs::write(
+        &input,
+        vals.iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let out = dir.path().join("enc");
+    run(
+        bin,
+        &["encode", input.to_str().unwrap(), out.to_str().unwrap()],
+    );
+    for d in FLOATS {
+        let got = std::fs::read(format!("{}.{}", out.display(), dtype_code(d))).unwrap();
+        assert_same(&format!("encode {d}"), d, &got, &encode_vals(d, &vals));
+    }
+}
+
+#[test]
+fn emulated_decoders_match_the_cpu_decoders() {
+    let Some(bin) = emulator() else { return };
+    let dir = tmp();
+    let mut rng = Rng(7);
+    for d in FLOATS {
+        let raw: Vec<u8> = match d.size() {
+            1 => (0..=255u8).collect(),
+            2 => (0..=u16::MAX).flat_map(u16::to_le_bytes).collect(),
+            n => (0..100_000)
+                .flat_map(|_| rng.next().to_le_bytes()[..n].to_vec())
+                .collect(),
+        };
+        let (input, output) = (dir.path().join("raw"), dir.path().join("dec"));
+        std::fs::write(&input, &raw).unwrap();
+        let code = dtype_code(d).to_string();
+        run(
+            bin,
+            &[
+                "decode",
+                &code,
+                input.to_str().unwrap(),
+                output.to_str().unwrap(),
+            ],
+        );
+        let got: Vec<f64> = std::fs::read(&output)
+            .unwrap()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let want = decoded(d, &raw);
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "decode {d}: element {i}: {g:e} != {w:e}"
+            );
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! Writing PyTorch checkpoints: a plain state dict as `torch.save` writes it ([`PthWriter`]),
+//! and a copy of an existing checkpoint with some storage records exchanged ([`PatchWriter`],
+//! for `swap` inside a `.pth`).
+//!
+//! [`PthWriter`] writes a zip of stored entries `archive/data.pkl` (an `OrderedDict` of
+//! `_rebuild_tensor_v2` calls, `_rebuild_tensor_v3` for dtypes without a storage class),
+//! `archive/.format_version`, `archive/.storage_alignment`, `archive/byteorder`,
+//! `archive/data/<i>` (one record per tensor, 64-byte aligned) and `archive/version`, which
+//! `torch.load(path, weights_only=True)` accepts. Tensor data arrives in chunks, out of order,
+//! from many threads: each chunk's CRC-32 is kept and the chunks are combined in order at
+//! commit, which also proves every byte was written.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Mutex;
+
+use crc32fast::Hasher;
+
+use super::AtomicFile;
+use crate::checkpoint::pickle::write::{self as pw, Writer as PickleWriter};
+use crate::checkpoint::safetensors::OutTensor;
+use crate::checkpoint::torch::{Archive, COMMENT_PREFIX};
+use crate::checkpoint::zip::{self, write as zw, Source};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::fold::Sink;
+
+/// Record name prefix of the archives written.
+pub const PREFIX: &str = "archive/";
+
+/// Whether torch has a legacy storage class for `d` (else it is written with
+/// `_rebuild_tensor_v3` over an `UntypedStorage`, as torch does).
+fn has_storage_class(d: DType) -> bool {
+    !matches!(
+        d,
+        DType::F8E4M3 | DType::F8E5M2 | DType::U16 | DType::U32 | DType::U64
+    )
+}
+
+/// Row-major strides as torch computes them (sizes of 0 count as 1).
+fn contiguous_strides(shape: &[usize]) -> Vec<u64> {
+    let mut s = vec![1u64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1].max(1) as u64;
+    }
+    s
+}
+
+/// The `data.pkl` of a state dict holding `tensors`, tensor `i` in storage record `i`.
+pub fn state_dict_pickle(tensors: &[OutTensor]) -> Vec<u8> {
+    let mut w = PickleWriter::new();
+    let ordered_dict = |w: &mut PickleWriter| {
+        w.global("collections", "OrderedDict");
+        w.op(pw::EMPTY_TUPLE);
+        w.op(pw::REDUCE);
+    };
+    ordered_dict(&mut w);
+    w.mark();
+    for (i, t) in tensors.iter().enumerate() {
+        let legacy = has_storage_class(t.dtype);
+        w.str(&t.name);
+        w.global(
+            "torch._utils",
+            if legacy {
+                "_rebuild_tensor_v2"
+            } else {
+                "_rebuild_tensor_v3"
+            },
+        );
+        w.mark();
+        // The persistent id ('storage', storage_type, key, location, numel).
+        w.mark();
+        w.str("storage");
+        let numel: u64 = t.shape.iter().map(|&d| d as u64).product();
+        if legacy {
+            w.global("torch", t.dtype.torch_storage());
+            w.str(&i.to_string());
+            w.str("cpu");
+            w.int(numel);
+        } else {
+            w.global("torch.storage", "UntypedStorage");
+            w.str(&i.to_string());
+            w.str("cpu");
+            w.int(numel * t.dtype.size() as u64);
+        }
+        w.op(pw::TUPLE);
+        w.op(pw::BINPERSID);
+        w.int(0);
+        let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+        w.int_tuple(&shape);
+        w.int_tuple(&contiguous_strides(&t.shape));
+        w.op(pw::NEWFALSE);
+        ordered_dict(&mut w);
+        if !legacy {
+            w.global("torch", t.dtype.torch_name());
+        }
+        w.op(pw::TUPLE);
+        w.op(pw::REDUCE);
+    }
+    w.op(pw::SETITEMS);
+    w.stop()
+}
+
+/// CRCs of the chunks of one record, by offset.
+#[derive(Default)]
+struct Chunks(Mutex<Vec<(u64, u64, Hasher)>>);
+
+impl Chunks {
+    fn add(&self, off: u64, bytes: &[u8]) {
+        let mut h = Hasher::new();
+        h.update(bytes);
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.push((off, bytes.len() as u64, h));
+    }
+
+    /// The CRC of the whole record, when the chunks cover exactly `size` bytes.
+    fn finish(self, size: u64) -> Option<u32> {
+        let mut v = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        v.sort_by_key(|c| c.0);
+        let mut h = Hasher::new();
+        let mut at = 0;
+        for (off, len, c) in v {
+            if off != at {
+                return None;
+            }
+            h.combine(&c);
+            at += len;
+        }
+        (at == size).then(|| h.finalize())
+    }
+}
+
+/// A `.pth` holding a plain state dict, being written.
+pub struct PthWriter {
+    file: AtomicFile,
+    entries: Vec<zw::Planned>,
+    /// CRC of every entry; tensor records' are filled in at commit.
+    crcs: Vec<u32>,
+    /// Index in `entries` of the first tensor record.
+    first_tensor: usize,
+    chunks: Vec<Chunks>,
+    cd_offset: u64,
+    total: u64,
+}
+
+impl PthWriter {
+    /// Creates the temporary file and writes everything but the tensor data.
+    pub fn create(target: &Path, force: bool, tensors: &[OutTensor]) -> Result<PthWriter> {
+        let file = AtomicFile::create(target, force)?;
+        let pickle = state_dict_pickle(tensors);
+        let head: Vec<(String, Vec<u8>)> = vec![
+            (format!("{PREFIX}data.pkl"), pickle),
+            (format!("{PREFIX}.format_version"), b"1".to_vec()),
+            (format!("{PREFIX}.storage_alignment"), b"64".to_vec()),
+            (format!("{PREFIX}byteorder"), b"little".to_vec()),
+        ];
+        let tail: Vec<(String, Vec<u8>)> = vec![(format!("{PREFIX}version"), b"3\n".to_vec())];
+        let mut spec: Vec<(String, u64)> = head
+            .iter()
+            .map(|(n, d)| (n.clone(), d.len() as u64))
+            .collect();
+        let first_tensor = spec.len();
+        for (i, t) in tensors.iter().enumerate() {
+            spec.push((format!("{PREFIX}data/{i}"), t.nbytes()));
+        }
+        spec.extend(tail.iter().map(|(n, d)| (n.clone(), d.len() as u64)));
+        let (entries, cd_offset) = zw::plan(&spec);
+        let mut crcs = vec![0u32; entries.len()];
+        let small = head.iter().enumerate().chain(
+            tail.iter()
+                .enumerate()
+                .map(|(i, e)| (first_tensor + tensors.len() + i, e)),
+        );
+        for (i, (_, data)) in small {
+            let e = &entries[i];
+            crcs[i] = crc32fast::hash(data);
+            file.write_at(e.data_offset, data)?;
+        }
+        for (e, crc) in entries.iter().zip(&crcs) {
+            let mut h = e.header.clone();
+            h[14..18].copy_from_slice(&crc.to_le_bytes());
+            file.write_at(e.local_offset, &h)?;
+        }
+        let with: Vec<(&zw::Planned, u32)> = entries.iter().map(|e| (e, 0)).collect();
+        let total = cd_offset + zw::central_directory(&with, cd_offset).len() as u64;
+        Ok(PthWriter {
+            file,
+            entries,
+            crcs,
+            first_tensor,
+            chunks: tensors.iter().map(|_| Chunks::default()).collect(),
+            cd_offset,
+            total,
+        })
+    }
+
+    /// Total size of the file.
+    pub fn total_bytes(&self) -> u64 {
+        self.total
+    }
+
+    /// Fills in the tensor records' CRCs, writes the central directory, syncs and renames.
+    pub fn commit(mut self) -> Result<u64> {
+        let chunks = std::mem::take(&mut self.chunks);
+        for (i, c) in chunks.into_iter().enumerate() {
+            let k = self.first_tensor + i;
+            let e = &self.entries[k];
+            let crc = c.finish(e.size).ok_or_else(|| Error::Output {
+                path: self.file.target().to_path_buf(),
+                what: format!(
+                    "internal error: record {} was not completely written",
+                    e.name
+                ),
+            })?;
+            self.crcs[k] = crc;
+            self.file
+                .write_at(e.local_offset + 14, &crc.to_le_bytes())?;
+        }
+        let with: Vec<(&zw::Planned, u32)> =
+            self.entries.iter().zip(self.crcs.iter().copied()).collect();
+        let cd = zw::central_directory(&with, self.cd_offset);
+        self.file.write_at(self.cd_offset, &cd)?;
+        super::check_length(&self.file, self.total)?;
+        self.file.commit()?;
+        Ok(self.total)
+    }
+}
+
+impl Sink for PthWriter {
+    fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
+        let e = &self.entries[self.first_tensor + tensor];
+        debug_assert!(off + bytes.len() as u64 <= e.size);
+        self.file.write_at(e.data_offset + off, bytes)?;
+        self.chunks[tensor].add(off, bytes);
+        Ok(())
+    }
+}
+
+/// A copy of a PyTorch checkpoint with the contents of some storage records exchanged: every
+/// other byte, the pickle included, stays as it was, except the CRC fields of the exchanged
+/// records and the archive comment.
+pub struct PatchWriter {
+    file: AtomicFile,
+    /// Absolute data offset of each output slot's record.
+    offsets: Vec<u64>,
+    total: u64,
+}
+
+impl PatchWriter {
+    /// Copies `input` (the file `archive` was read from) to a temporary file beside `target`,
+    /// with the comment `comment` (`ema_tool:{json}`, or empty), and prepares the exchange of
+    /// the records of each pair of storages in `exchanges`. Output slot `2k` is the record of
+    /// `exchanges[k].0` (to be filled with the bytes of `exchanges[k].1`), slot `2k + 1` the
+    /// other one.
+    pub fn create(
+        target: &Path,
+        force: bool,
+        input: &Path,
+        archive: &Archive,
+        exchanges: &[(usize, usize)],
+        comment: &str,
+    ) -> Result<PatchWriter> {
+        if comment.len() > 0xFFFF {
+            return Err(Error::Output {
+                path: target.to_path_buf(),
+                what: "internal error: archive comment too long".into(),
+            });
+        }
+        let dir = &archive.dir;
+        let mut ranges: Vec<(u64, u64)> = exchanges
+            .iter()
+            .flat_map(|&(a, b)| [a, b])
+            .map(|s| {
+                let st = &archive.storages[s];
+                (st.data_offset, st.data_offset + st.record_len)
+            })
+            .collect();
+        ranges.sort_unstable();
+        if ranges.windows(2).any(|w| w[0].1 > w[1].0) {
+            return Err(Error::format(
+                input,
+                "storage records overlap; cannot exchange them in place",
+            ));
+        }
+        let file = AtomicFile::create(target, force)?;
+        let mut src_file = std::fs::File::open(input).map_err(|e| Error::io(input, e))?;
+        let in_len = src_file.metadata().map_err(|e| Error::io(input, e))?.len();
+        // Everything up to the comment length field of the end record.
+        let keep = dir.eocd_offset + 20;
+        let copied = std::io::copy(&mut (&mut src_file).take(keep), &mut file.file())
+            .map_err(|e| Error::io(input, e))?;
+        if copied != keep {
+            return Err(Error::format(input, "file shrank while being copied"));
+        }
+        let mut tail = (comment.len() as u16).to_le_bytes().to_vec();
+        tail.extend_from_slice(comment.as_bytes());
+        file.write_at(keep, &tail)?;
+        let total = keep + tail.len() as u64;
+
+        let src = Source::File(&src_file, in_len);
+        let fmt = |e: String| Error::format(input, e);
+        let mut offsets = Vec::with_capacity(exchanges.len() * 2);
+        for &(a, b) in exchanges {
+            let (sa, sb) = (&archive.storages[a], &archive.storages[b]);
+            let (ea, eb) = (&dir.entries[sa.entry], &dir.entries[sb.entry]);
+            for (s, e, crc) in [(sa, ea, eb.crc32), (sb, eb, ea.crc32)] {
+                let mut at =
+                    zip::crc_locations(&src, e, s.data_offset + s.record_len).map_err(fmt)?;
+                at.push(e.central_offset + 16);
+                for off in at {
+                    file.write_at(off, &crc.to_le_bytes())?;
+                }
+            }
+            offsets.push(sa.data_offset);
+            offsets.push(sb.data_offset);
+        }
+        Ok(PatchWriter {
+            file,
+            offsets,
+            total,
+        })
+    }
+
+    /// Checks the file is complete, syncs and renames it into place.
+    pub fn commit(self) -> Result<u64> {
+        super::check_length(&self.file, self.total)?;
+        self.file.commit()?;
+        Ok(self.total)
+    }
+}
+
+impl Sink for PatchWriter {
+    fn write(&self, slot: usize, off: u64, bytes: &[u8]) -> Result<()> {
+        self.file.write_at(self.offsets[slot] + off, bytes)
+    }
+}
+
+/// The archive comment recording `record` (the `ema_tool` JSON) for a later `ema-tool`.
+pub fn comment_for(record: &serde_json::Value) -> String {
+    format!("{COMMENT_PREFIX}{record}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::torch::flatten_pickle_bytes;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// What the writer pickles, the reader flattens back: names, dtypes, shapes, each
+        /// tensor contiguous in its own storage.
+        #[test]
+        fn state_dict_pickle_round_trips(
+            spec in proptest::collection::vec(
+                ("[a-z_.]{1,12}", 0usize..DType::ALL.len(), proptest::collection::vec(0usize..5, 0..4)),
+                0..12,
+            )
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let tensors: Vec<OutTensor> = spec
+                .into_iter()
+                .filter(|(n, _, _)| seen.insert(n.clone()))
+                .map(|(name, d, shape)| OutTensor { name, dtype: DType::ALL[d], shape })
+                .collect();
+            let back = flatten_pickle_bytes(&state_dict_pickle(&tensors)).unwrap();
+            prop_assert_eq!(back.len(), tensors.len());
+            for (i, (b, t)) in back.iter().zip(&tensors).enumerate() {
+                prop_assert_eq!(&b.name, &t.name);
+                prop_assert_eq!(b.dtype, t.dtype);
+                prop_assert_eq!(&b.shape, &t.shape);
+                prop_assert!(b.is_contiguous());
+                prop_assert_eq!(b.storage, i);
+                prop_assert_eq!(b.storage_offset, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn strides_like_torch() {
+        assert_eq!(contiguous_strides(&[2, 3, 4]), vec![12, 4, 1]);
+        assert_eq!(contiguous_strides(&[3, 0]), vec![1, 1]);
+        assert_eq!(contiguous_strides(&[]), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn chunk_crcs_combine_in_order() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let c = Chunks::default();
+        c.add(600, &data[600..]);
+        c.add(0, &data[..250]);
+        c.add(250, &data[250..600]);
+        assert_eq!(c.finish(1000), Some(crc32fast::hash(&data)));
+        let gap = Chunks::default();
+        gap.add(0, &data[..10]);
+        gap.add(20, &data[20..]);
+        assert_eq!(gap.finish(1000), None);
+    }
+}
