@@ -131,7 +131,11 @@ pub fn execute_with(
 ) -> Result<()> {
     let items = items(ckpts, jobs);
     let mapped = Mapped::new(ckpts, mapped_inputs, cleanup)?;
-    let release = Release::new(items.len());
+    let release = Release::new(
+        items
+            .iter()
+            .map(|it| input_bytes(ckpts, &jobs[it.job], *it)),
+    );
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let results = rayon::broadcast(|_| {
@@ -147,7 +151,7 @@ pub fn execute_with(
         while !failed.load(Ordering::Relaxed) {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(item) = items.get(i) else { break };
-            while i >= release.low() + MAX_LEAD && !failed.load(Ordering::Relaxed) {
+            while !release.may_start(i) && !failed.load(Ordering::Relaxed) {
                 advance();
                 std::thread::yield_now();
             }
@@ -180,31 +184,39 @@ fn input_bytes(ckpts: &[Checkpoint], job: &Job, item: Item) -> u64 {
 /// list, in batches of about [`RELEASE_BYTES`] of input.
 struct Release {
     done: Vec<AtomicBool>,
+    /// `before[i]`: bytes of input of the items before item `i`.
+    before: Vec<u64>,
     /// (first item not known done, first item not released); whoever holds the lock advances.
     state: Mutex<(usize, usize)>,
     /// The first of `state`, readable without the lock.
     low: AtomicUsize,
 }
 
-/// Items released together: [`RELEASE_BYTES`] of input.
-const BATCH_ITEMS: usize = (RELEASE_BYTES / ITEM_BYTES) as usize;
-/// How far (in items, each about [`ITEM_BYTES`] of input) a worker may run ahead of the first
-/// item not done: on a busy machine the other worker is often descheduled in the middle of an
-/// item, and the input folded meanwhile stays mapped until it is done.
-const MAX_LEAD: usize = 2 * BATCH_ITEMS;
+/// How far (in bytes of input) a worker may run ahead of the first item not done: on a busy
+/// machine the other worker is often descheduled in the middle of an item, and the input
+/// folded meanwhile stays mapped until that item is done.
+const MAX_LEAD: u64 = 2 * RELEASE_BYTES;
 
 impl Release {
-    fn new(n: usize) -> Release {
+    /// Tracks items that read `bytes` of input each.
+    fn new(bytes: impl Iterator<Item = u64>) -> Release {
+        let mut before = vec![0];
+        for b in bytes {
+            before.push(before.last().copied().unwrap_or(0) + b);
+        }
+        let n = before.len() - 1;
         Release {
             done: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            before,
             state: Mutex::new((0, 0)),
             low: AtomicUsize::new(0),
         }
     }
 
-    /// The first item not known to be done.
-    fn low(&self) -> usize {
-        self.low.load(Ordering::Acquire)
+    /// Whether item `i` is close enough to the first item not done to be started.
+    fn may_start(&self, i: usize) -> bool {
+        let low = self.low.load(Ordering::Acquire).min(i);
+        self.before[i] - self.before[low] < MAX_LEAD
     }
 
     /// Marks item `i` done.
@@ -213,8 +225,8 @@ impl Release {
     }
 
     /// Moves the first item not done forward, and calls `release(from, to)` on the done items
-    /// not yet released when there are enough of them (or they are the last ones). Does
-    /// nothing when another worker is doing it.
+    /// not yet released when they read [`RELEASE_BYTES`] (or are the last ones). Does nothing
+    /// when another worker is doing it.
     fn advance(&self, release: impl FnOnce(usize, usize)) {
         let Ok(mut st) = self.state.try_lock() else {
             return;
@@ -225,7 +237,8 @@ impl Release {
         }
         st.0 = next;
         self.low.store(next, Ordering::Release);
-        if next - released >= BATCH_ITEMS || (next == self.done.len() && next > released) {
+        let batch = self.before[next] - self.before[released];
+        if batch >= RELEASE_BYTES || (next == self.done.len() && next > released) {
             release(released, next);
             st.1 = next;
         }
