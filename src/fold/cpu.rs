@@ -136,6 +136,7 @@ pub fn execute_with(
             .iter()
             .map(|it| input_bytes(ckpts, &jobs[it.job], *it)),
     );
+    let writes = Writes::new(sink);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let results = rayon::broadcast(|_| {
@@ -144,10 +145,12 @@ pub fn execute_with(
             ckpts,
             mapped: &mapped,
             sink,
+            writes: &writes,
             checks,
         };
         let advance =
             || release.advance(|from, to| release_items(ckpts, jobs, &items[from..to], &mapped));
+        let mut failure = None;
         while !failed.load(Ordering::Relaxed) {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(item) = items.get(i) else { break };
@@ -156,19 +159,121 @@ pub fn execute_with(
                 std::thread::yield_now();
             }
             let job = &jobs[item.job];
-            if let Err(e) = run_item(&ctx, job, *item, &mut scratch) {
+            if let Err(e) = run_item(&ctx, job, i, *item, &mut scratch) {
                 failed.store(true, Ordering::Relaxed);
-                return Some((i, e));
+                failure = Some((i, e));
+                break;
+            }
+            if writes.failed() {
+                failed.store(true, Ordering::Relaxed);
+                break;
             }
             progress.add(input_bytes(ckpts, job, *item));
             release.done(i);
             advance();
         }
-        None
+        // The last worker to get here writes what the others queued.
+        writes.finish();
+        failure
     });
-    match results.into_iter().flatten().min_by_key(|(i, _)| *i) {
+    let failures = results.into_iter().flatten().chain(writes.into_error());
+    match failures.min_by_key(|(i, _)| *i) {
         Some((_, e)) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Writes queued past this many wait for the worker that queues the next one.
+const MAX_PENDING: usize = 8;
+
+/// An encoded range waiting to be written.
+struct Pending {
+    item: usize,
+    tensor: usize,
+    off: u64,
+    buf: Vec<u8>,
+}
+
+/// The output writes of the folds. Writes to one file serialize in the kernel (buffered writes
+/// take the file's lock), and a worker blocked there used to spin on it (a fifth of the CPU
+/// time of a fold of two 4 GB checkpoints, whose output is half the input). So a worker queues
+/// its encoded range and goes on folding; whichever worker finds no one writing writes the
+/// whole queue. A long queue makes the next worker write it, so memory stays bounded.
+struct Writes<'a> {
+    sink: &'a dyn Sink,
+    pending: Mutex<Vec<Pending>>,
+    /// Held while writing; the first failed write, with its item.
+    writer: Mutex<Option<(usize, Error)>>,
+    /// Buffers written, to encode the next ranges into.
+    pool: Mutex<Vec<Vec<u8>>>,
+    failed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<'a> Writes<'a> {
+    fn new(sink: &'a dyn Sink) -> Writes<'a> {
+        Writes {
+            sink,
+            pending: Mutex::new(Vec::new()),
+            writer: Mutex::new(None),
+            pool: Mutex::new(Vec::new()),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues `p` for writing, writes the queue if no other worker is, and returns a buffer
+    /// for the next range.
+    fn submit(&self, p: Pending) -> Vec<u8> {
+        let long = {
+            let mut q = lock(&self.pending);
+            q.push(p);
+            q.len() > MAX_PENDING
+        };
+        if long {
+            self.drain(lock(&self.writer));
+        } else if let Ok(w) = self.writer.try_lock() {
+            self.drain(w);
+        }
+        lock(&self.pool).pop().unwrap_or_default()
+    }
+
+    /// Writes the queue until it is empty.
+    fn drain(&self, mut error: std::sync::MutexGuard<'_, Option<(usize, Error)>>) {
+        loop {
+            let batch = std::mem::take(&mut *lock(&self.pending));
+            if batch.is_empty() {
+                return;
+            }
+            for p in batch {
+                if error.is_none() {
+                    if let Err(e) = self.sink.write(p.tensor, p.off, &p.buf) {
+                        *error = Some((p.item, e));
+                        self.failed.store(true, Ordering::Relaxed);
+                    }
+                }
+                lock(&self.pool).push(p.buf);
+            }
+        }
+    }
+
+    /// Whether a write failed.
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Writes whatever is queued.
+    fn finish(&self) {
+        self.drain(lock(&self.writer));
+    }
+
+    /// The first failed write, with its item.
+    fn into_error(self) -> Option<(usize, Error)> {
+        self.writer
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -288,6 +393,7 @@ struct Ctx<'a> {
     /// The inputs that are mapped.
     mapped: &'a Mapped,
     sink: &'a dyn Sink,
+    writes: &'a Writes<'a>,
     checks: Checks,
 }
 
@@ -342,7 +448,7 @@ impl Ctx<'_> {
     }
 }
 
-fn run_item(ctx: &Ctx, job: &Job, item: Item, scratch: &mut Scratch) -> Result<()> {
+fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratch) -> Result<()> {
     let ckpts = ctx.ckpts;
     let (sources, weights, out_dtype): (&[Src], &[f64], DType) = match job {
         Job::Fold {
@@ -405,7 +511,13 @@ fn run_item(ctx: &Ctx, job: &Job, item: Item, scratch: &mut Scratch) -> Result<(
             .sink
             .write(item.job, item.start * osize as u64, inputs[0]);
     }
-    ctx.sink.write(item.job, item.start * osize as u64, out)
+    *out = ctx.writes.submit(Pending {
+        item: index,
+        tensor: item.job,
+        off: item.start * osize as u64,
+        buf: std::mem::take(out),
+    });
+    Ok(())
 }
 
 /// With NaN/Inf among the results of an item (`nan`, `inf` of them), finds the input that
