@@ -225,14 +225,16 @@ def bench_series(args, ema_tool, gen, name, count, mix, dtype, tools):
     size = sum(p.stat().st_size for p in inputs)
     groups = [g.split("x") for g in mix.split(",")]
     ntensors = sum(int(t) for t, _ in groups)
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # MemAvailable counts the page cache that can be reclaimed, the inputs' included.
+    avail = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo")
+                 if l.startswith("MemAvailable:"))
     title = (
         f"{name}: {count} checkpoints × {inputs[0].stat().st_size / 1e6:.0f} MB {dtype} "
         f"({ntensors} tensors: {mix}), {size / 1e9:.2f} GB of inputs"
     )
     log(f"== {title}")
     if size > avail:
-        log(f"warning: {size / 1e9:.1f} GB of inputs, {avail / 1e9:.1f} GB of free memory: "
+        log(f"warning: {size / 1e9:.1f} GB of inputs, {avail / 1e9:.1f} GB of memory available: "
             "the inputs may not stay page-cached")
 
     timm_script, timm_why = find_timm_script(args) if "timm" in tools else (None, None)
