@@ -452,6 +452,9 @@ def main():
         print()
     print("### Targets (issue #4)")
     print()
+    print("(The targets are set for 8 checkpoints × 256 MB of few large tensors, f32 and bf16, and")
+    print("`inspect` of any checkpoint; the other series are checked against them for information.)")
+    print()
     for what, ok, got in all_targets:
         print(f"- {'PASS' if ok else 'FAIL'}: {what} ({got})")
     if args.json:
