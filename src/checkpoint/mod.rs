@@ -2,9 +2,11 @@
 //!
 //! Opening a checkpoint reads and validates its header only. Every tensor is then a byte range
 //! of one of the checkpoint's files ([`TensorInfo`]), read on demand with positioned reads
-//! ([`Checkpoint::read_at`]), so no format is ever read whole into memory and a file that
-//! shrinks under us gives an error instead of a `SIGBUS`.
+//! ([`Checkpoint::read_at`]: a file that shrinks under us gives an error), or, by the CPU fold,
+//! through a mapping that is released as the fold goes ([`mapped`]: a file that shrinks under
+//! us ends the run with an error too). No format is ever read whole into memory.
 
+pub mod mapped;
 pub mod pickle;
 pub mod safetensors;
 pub mod sharded;
