@@ -263,6 +263,14 @@ impl AtomicFile {
         Ok(())
     }
 
+    /// Syncs the data and makes the file world-readable (0644), as [`AtomicFile::commit`] does
+    /// before it renames: a writer of several files does this for all of them first.
+    pub fn sync(&self) -> Result<()> {
+        let io = |e: std::io::Error| Error::io(&self.target, e);
+        self.tmp.as_file().sync_all().map_err(io)?;
+        std::fs::set_permissions(self.tmp.path(), Permissions::from_mode(0o644)).map_err(io)
+    }
+
     /// Syncs the data, makes the file world-readable (0644), renames it to the target and
     /// syncs the directory.
     pub fn commit(self) -> Result<()> {
@@ -349,6 +357,17 @@ impl SafetensorsWriter {
         check_length(&self.file, self.total)?;
         self.file.commit()?;
         Ok(self.total)
+    }
+
+    /// Checks the file is complete and syncs it, without renaming it yet.
+    pub fn prepare(&self) -> Result<()> {
+        check_length(&self.file, self.total)?;
+        self.file.sync()
+    }
+
+    /// The final path.
+    pub fn target(&self) -> &Path {
+        self.file.target()
     }
 }
 

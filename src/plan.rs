@@ -473,6 +473,7 @@ fn trim_zeros(d: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::ValueEnum;
 
     fn sched(strategy: Strategy, momentum: f64, interval: u64) -> Schedule {
         Schedule {
@@ -502,14 +503,7 @@ mod tests {
 
     #[test]
     fn weights_equal_sequential_lerps() {
-        for st in [
-            Strategy::Exponential,
-            Strategy::Annealing,
-            Strategy::Mmcv,
-            Strategy::ExpMomentum,
-            Strategy::LinearMomentum,
-            Strategy::Swa,
-        ] {
+        for &st in Strategy::value_variants() {
             for iv in [1, 2, 3] {
                 let s = sched(st, 0.3, iv);
                 let w = s.weights(9, None).unwrap();
@@ -598,15 +592,7 @@ mod tests {
 
     #[test]
     fn long_gaps_in_closed_form_equal_the_product_of_terms() {
-        let all = [
-            Strategy::Exponential,
-            Strategy::Annealing,
-            Strategy::Mmcv,
-            Strategy::ExpMomentum,
-            Strategy::LinearMomentum,
-            Strategy::Swa,
-        ];
-        for st in all {
+        for &st in Strategy::value_variants() {
             for (m, iv) in [(0.0002, 1), (0.01, 3), (0.3, 7), (0.9, 2)] {
                 let mut s = sched(st, m, iv);
                 s.total_iter = 300.0;
@@ -627,14 +613,7 @@ mod tests {
     #[test]
     fn the_longest_supported_gap_is_planned_at_once() {
         let started = std::time::Instant::now();
-        for st in [
-            Strategy::Exponential,
-            Strategy::Annealing,
-            Strategy::Mmcv,
-            Strategy::ExpMomentum,
-            Strategy::LinearMomentum,
-            Strategy::Swa,
-        ] {
+        for &st in Strategy::value_variants() {
             let w = sched(st, 0.0002, 1)
                 .weights(3, Some(&[7, 8, 7 + MAX_ITERATIONS]))
                 .unwrap();

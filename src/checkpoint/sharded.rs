@@ -78,15 +78,18 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     };
     let dir = crate::output::parent_dir(&index_path);
     let bad = |what: String| Error::format(&index_path, what);
-    let len = std::fs::metadata(&index_path)
-        .map_err(|e| Error::io(&index_path, e))?
-        .len();
+    // A regular file only (a FIFO would block), read through the same handle whose size is
+    // checked, and never past the cap.
+    let (file, meta) = super::open_regular(&index_path)?;
+    let len = meta.len();
     if len > MAX_INDEX {
         return Err(bad(format!(
             "index of {len} bytes exceeds the {MAX_INDEX}-byte limit"
         )));
     }
-    let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_INDEX), &mut text)
+        .map_err(|e| Error::io(&index_path, e))?;
     let json: serde_json::Map<String, Value> =
         serde_json::from_str(&text).map_err(|e| bad(format!("invalid index JSON ({e})")))?;
     let weight_map = json

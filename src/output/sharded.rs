@@ -128,14 +128,39 @@ impl ShardedWriter {
     }
 
     /// Commits every shard, then the index; returns the bytes written.
+    ///
+    /// Every shard and the index are complete and synced before the first rename, so the only
+    /// failure left once renaming starts is a rename itself; the shards already renamed are
+    /// then removed, so no shard is left behind without its index.
     pub fn commit(self) -> Result<u64> {
-        let mut total = 0;
-        for s in self.shards {
-            total += s.commit()?;
+        for s in &self.shards {
+            s.prepare()?;
         }
-        let f = AtomicFile::create(&self.index_path, self.force)?;
-        f.write_at(0, &self.index)?;
-        f.commit()?;
+        let index = AtomicFile::create(&self.index_path, self.force)?;
+        index.write_at(0, &self.index)?;
+        index.sync()?;
+        let mut renamed = Vec::with_capacity(self.shards.len());
+        let mut total = 0;
+        let undo = |renamed: &[PathBuf]| {
+            for p in renamed {
+                let _ = std::fs::remove_file(p);
+            }
+        };
+        for s in self.shards {
+            let target = s.target().to_path_buf();
+            match s.commit() {
+                Ok(n) => total += n,
+                Err(e) => {
+                    undo(&renamed);
+                    return Err(e);
+                }
+            }
+            renamed.push(target);
+        }
+        if let Err(e) = index.commit() {
+            undo(&renamed);
+            return Err(e);
+        }
         Ok(total + self.index.len() as u64)
     }
 }
