@@ -17,7 +17,7 @@ use crate::checkpoint::{Checkpoint, Format};
 use crate::cli::SwapArgs;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::fold::{self, Checks, Device, Job, Src};
+use crate::fold::{self, Checks, Device, Job, Sink, Src};
 use crate::layout::{self, Pairing, Side};
 use crate::output::pth::{comment_for, PatchWriter};
 use crate::output::{check_output_kind, check_target, Writer};
@@ -73,17 +73,12 @@ pub fn run(args: &SwapArgs) -> Result<()> {
     )?;
     let written = writer.display_path(&output);
     let ckpts = [ckpt];
-    let total: u64 = jobs.iter().map(|j| j.input_bytes(&ckpts)).sum();
-    let progress = progress(total, args.out.quiet);
-    fold::execute(
+    copy_tensors(
         &ckpts,
         &jobs,
         &writer,
-        Device::Cpu,
-        Checks {
-            finite: args.out.check_finite,
-        },
-        &progress,
+        args.out.quiet,
+        args.out.check_finite,
     )?;
     let bytes = writer.commit()?;
     let secs = started.elapsed().as_secs_f64();
@@ -176,16 +171,7 @@ fn swap_in_archive(
     )?;
     drop(ckpt);
     let ckpts = [records];
-    let total: u64 = jobs.iter().map(|j| j.input_bytes(&ckpts)).sum();
-    let progress = progress(total, args.out.quiet);
-    fold::execute(
-        &ckpts,
-        &jobs,
-        &writer,
-        Device::Cpu,
-        Checks::default(),
-        &progress,
-    )?;
+    copy_tensors(&ckpts, &jobs, &writer, args.out.quiet, false)?;
     let bytes = writer.commit()?;
     let secs = started.elapsed().as_secs_f64();
     if args.out.json {
@@ -336,4 +322,23 @@ fn deploy_plan(
         "input": ckpt.path,
     });
     Ok((tensors, jobs, record))
+}
+
+/// Runs the copy jobs of a swap or deploy on the CPU into `sink`, with a progress bar.
+fn copy_tensors(
+    ckpts: &[Checkpoint],
+    jobs: &[Job],
+    sink: &dyn Sink,
+    quiet: bool,
+    finite: bool,
+) -> Result<()> {
+    let total: u64 = jobs.iter().map(|j| j.input_bytes(ckpts)).sum();
+    fold::execute(
+        ckpts,
+        jobs,
+        sink,
+        Device::Cpu,
+        Checks { finite },
+        &progress(total, quiet),
+    )
 }
