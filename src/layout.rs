@@ -112,11 +112,28 @@ pub fn mmcv_buffer_name(n: &str) -> String {
 }
 
 /// Detects the layout: the first of mmengine, timm, mmcv with at least one pair.
+///
+/// A layout is paired only when some name could be on its shadow side, so a checkpoint
+/// without an EMA costs one pass over its names.
 pub fn detect(ckpt: &Checkpoint) -> Option<Pairing> {
     [Layout::Mmengine, Layout::Timm, Layout::Mmcv]
         .into_iter()
+        .filter(|&l| ckpt.tensors.iter().any(|t| may_be_shadow(l, &t.name)))
         .filter_map(|l| pair(ckpt, l).ok())
         .find(|p| !p.pairs.is_empty())
+}
+
+/// Whether `name` has the form of a shadow-side name in `layout` (which [`pair`] needs to
+/// find a pair).
+fn may_be_shadow(layout: Layout, name: &str) -> bool {
+    match layout {
+        Layout::Mmengine => name.starts_with("ema_state_dict.module."),
+        Layout::Timm => name.starts_with("state_dict_ema."),
+        Layout::Mmcv => {
+            let rest = name.strip_prefix("state_dict.").unwrap_or(name);
+            rest.starts_with("ema_") && !rest.contains('.')
+        }
+    }
 }
 
 /// Pairs the tensors of `ckpt` in `layout`. Pairs must agree in shape and dtype.
@@ -141,10 +158,13 @@ pub fn pair(ckpt: &Checkpoint, layout: Layout) -> Result<Pairing> {
             } else {
                 "state_dict_ema."
             };
+            let mut key = String::from(shadow_prefix);
             for (i, n) in names.iter().enumerate() {
                 if let Some(plain) = n.strip_prefix(&model_prefix) {
                     model_tensors.push((i, plain.to_string()));
-                    if let Some(s) = ckpt.position(&format!("{shadow_prefix}{plain}")) {
+                    key.truncate(shadow_prefix.len());
+                    key.push_str(plain);
+                    if let Some(s) = ckpt.position(&key) {
                         pairs.push(Pair {
                             name: plain.to_string(),
                             model: i,

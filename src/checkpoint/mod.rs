@@ -6,6 +6,7 @@
 //! through a mapping that is released as the fold goes ([`mapped`]: a file that shrinks under
 //! us ends the run with an error too). No format is ever read whole into memory.
 
+pub mod header_fast;
 pub mod mapped;
 pub mod pickle;
 pub mod safetensors;
@@ -13,8 +14,9 @@ pub mod sharded;
 pub mod torch;
 pub mod zip;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -128,7 +130,7 @@ pub fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
 }
 
 /// Where one tensor's bytes are, and what they are.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
     /// Name in the flat namespace (`state_dict.backbone.conv1.weight`).
     pub name: String,
@@ -185,7 +187,41 @@ pub struct Checkpoint {
     /// Training step, when one was found.
     pub step: Option<u64>,
     pub step_source: Option<StepSource>,
-    index: HashMap<String, usize>,
+    index: NameIndex,
+}
+
+/// The tensors of a checkpoint by name: a hash table of their indices (the names are not
+/// copied), hashed with std's randomly keyed SipHash, since the names come from the file.
+#[derive(Debug)]
+pub struct NameIndex {
+    table: hashbrown::HashTable<usize>,
+    hasher: RandomState,
+}
+
+impl NameIndex {
+    /// The index of `tensors`, or the position of the first tensor whose name an earlier one
+    /// has.
+    pub fn new(tensors: &[TensorInfo]) -> std::result::Result<NameIndex, usize> {
+        let hasher = RandomState::new();
+        let mut table = hashbrown::HashTable::with_capacity(tensors.len());
+        let hash = |i: &usize| hasher.hash_one(tensors[*i].name.as_str());
+        for (i, t) in tensors.iter().enumerate() {
+            match table.entry(hash(&i), |&j| tensors[j].name == t.name, hash) {
+                hashbrown::hash_table::Entry::Occupied(_) => return Err(i),
+                hashbrown::hash_table::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+            }
+        }
+        Ok(NameIndex { table, hasher })
+    }
+
+    /// The position of `name` in `tensors` (those the index was made of).
+    fn find(&self, tensors: &[TensorInfo], name: &str) -> Option<usize> {
+        self.table
+            .find(self.hasher.hash_one(name), |&j| tensors[j].name == name)
+            .copied()
+    }
 }
 
 /// Metadata keys that hold the step, in order of preference (SPEC §2).
@@ -242,12 +278,13 @@ impl Checkpoint {
         metadata: BTreeMap<String, String>,
         skipped: Vec<Skipped>,
     ) -> Result<Checkpoint> {
-        let mut index = HashMap::with_capacity(tensors.len());
-        for (i, t) in tensors.iter().enumerate() {
-            if index.insert(t.name.clone(), i).is_some() {
-                return Err(Error::tensor(&path, &t.name, "appears twice"));
-            }
-        }
+        let index = NameIndex::new(&tensors).map_err(|dup| {
+            let what = match format {
+                Format::Safetensors => "appears twice in the header",
+                _ => "appears twice",
+            };
+            Error::tensor(&path, &tensors[dup].name, what)
+        })?;
         let keys: &[&str] = match format {
             Format::Torch => &TORCH_STEP_KEYS,
             _ => &SAFETENSORS_STEP_KEYS,
@@ -271,12 +308,12 @@ impl Checkpoint {
 
     /// The tensor called `name`.
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
-        self.index.get(name).map(|&i| &self.tensors[i])
+        self.position(name).map(|i| &self.tensors[i])
     }
 
     /// The index in [`Checkpoint::tensors`] of the tensor called `name`.
     pub fn position(&self, name: &str) -> Option<usize> {
-        self.index.get(name).copied()
+        self.index.find(&self.tensors, name)
     }
 
     /// Reads `buf.len()` bytes of tensor `t` starting `off` bytes into its data.

@@ -7,13 +7,16 @@
 //! offsets contiguous from 0 and covering the data exactly) and reports each failure with the
 //! tensor it is about.
 
-use std::collections::{BTreeMap, HashSet};
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::de::{Deserialize, MapAccess, SeqAccess, Visitor};
-use serde_json::value::RawValue;
+use serde::de::{Deserialize, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserializer as _;
 use serde_json::{Map, Value};
 
+use super::header_fast;
 use super::{read_up_to, Checkpoint, DataFile, Format, TensorInfo};
 use crate::dtype::{nbytes, DType};
 use crate::error::{printable, Error, Result};
@@ -54,9 +57,10 @@ pub fn read_header(df: &DataFile, file_index: usize) -> Result<Header> {
 
 /// Validates a whole safetensors file held in memory (`path` only names it in errors).
 ///
-/// The same checks as [`read_header`]; this is the entry point of the fuzz target.
+/// The checks of [`open`]: those of [`read_header`], and names unique (which
+/// [`Checkpoint::new`] checks when it indexes them). The entry point of the fuzz target.
 pub fn validate_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
-    validate(path, bytes.len() as u64, |off, buf| {
+    let header = validate(path, bytes.len() as u64, |off, buf| {
         let src = usize::try_from(off)
             .ok()
             .and_then(|o| bytes.get(o..))
@@ -64,7 +68,12 @@ pub fn validate_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
         let n = src.len().min(buf.len());
         buf[..n].copy_from_slice(&src[..n]);
         Ok(n)
-    })
+    })?;
+    if let Err(dup) = super::NameIndex::new(&header.0) {
+        let name = &header.0[dup].name;
+        return Err(Error::tensor(path, name, "appears twice in the header"));
+    }
+    Ok(header)
 }
 
 /// The checks of the safetensors crate's `validate()`, with positioned reads of a file of
@@ -109,56 +118,42 @@ fn validate(
 
 /// Parses and validates the JSON header `json` of a safetensors file of `file_len` bytes whose
 /// length prefix is `json.len()`.
+///
+/// Headers in the form writers produce are read by [`header_fast::parse`] (about 0.4 µs per
+/// tensor here); any other JSON, and every error, by [`parse_serde`], which tells what is wrong
+/// and with which tensor. Either way one pass, and no value is built that is not kept.
+/// Duplicate names are found by [`Checkpoint::new`] when it indexes the tensors.
 pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     let bad = |what: String| Error::format(path, what);
     let text = std::str::from_utf8(json)
         .map_err(|e| bad(format!("corrupt header: invalid UTF-8 ({e})")))?;
-    let entries: Entries = serde_json::from_str(text.trim_end_matches(' ')).map_err(|e| {
-        use serde_json::error::Category;
-        if e.to_string().starts_with(TOO_MANY_ENTRIES) {
-            bad(format!(
-                "header declares more than {MAX_TENSORS} tensors, the most supported"
-            ))
-        } else if e.classify() == Category::Data {
-            // Not `{e}`: serde quotes the value it found, which the file controls.
-            bad("corrupt header: not a JSON object".into())
-        } else {
-            bad(format!("corrupt header: invalid JSON ({e})"))
-        }
-    })?;
+    let text = text.trim_end_matches(' ');
+    let (mut tensors, metadata) = match header_fast::parse(text) {
+        Some(parsed) => parsed,
+        None => parse_serde(path, text)?,
+    };
     let data_start = 8 + json.len() as u64;
     let data_len = file_len
         .checked_sub(data_start)
         .ok_or_else(|| bad("truncated: the file is shorter than its header".into()))?;
 
-    let mut seen = HashSet::with_capacity(entries.0.len());
-    for (name, _) in &entries.0 {
-        if !seen.insert(name.as_str()) {
-            let what = "appears twice in the header";
-            return Err(if name == "__metadata__" {
-                bad(format!("corrupt header: `__metadata__` {what}"))
-            } else {
-                Error::tensor(path, name, what)
-            });
-        }
-    }
-    drop(seen);
-    let mut metadata = None;
-    let mut parsed = Vec::with_capacity(entries.0.len());
-    for (name, raw) in entries.0 {
-        if name == "__metadata__" {
-            metadata = Some(parse_metadata(path, raw)?);
-            continue;
-        }
-        let (dtype, shape, begin, end) =
-            parse_entry(raw).map_err(|e| Error::tensor(path, &name, e))?;
-        parsed.push((begin, end, name, dtype, shape));
-    }
-
-    parsed.sort_by_key(|e| (e.0, e.1));
+    // Stable: zero-size tensors at one offset stay in file order.
+    tensors.sort_by_key(|t| (t.offset, t.len));
     let mut expect = 0u64;
-    let mut tensors = Vec::with_capacity(parsed.len());
-    for (begin, end, name, dtype, shape) in parsed {
+    let duplicate = |tensors: &[TensorInfo]| {
+        // A name given twice explains a layout that does not add up better than the layout.
+        super::NameIndex::new(tensors)
+            .err()
+            .map(|dup| Error::tensor(path, &tensors[dup].name, "appears twice in the header"))
+    };
+    for i in 0..tensors.len() {
+        let t = &tensors[i];
+        let (begin, end) = (t.offset, t.offset + t.len);
+        if begin != expect || end > data_len {
+            if let Some(e) = duplicate(&tensors) {
+                return Err(e);
+            }
+        }
         if begin != expect {
             let what = if begin < expect {
                 "overlaps the previous tensor"
@@ -167,14 +162,14 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
             };
             return Err(Error::tensor(
                 path,
-                name,
+                &t.name,
                 format!("data_offsets [{begin}, {end}] {what} (expected it to start at {expect})"),
             ));
         }
         if end > data_len {
             return Err(Error::tensor(
                 path,
-                name,
+                &t.name,
                 format!(
                     "truncated: data ends at byte {} but the file has {file_len} bytes",
                     data_start.saturating_add(end),
@@ -182,14 +177,7 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
             ));
         }
         expect = end;
-        tensors.push(TensorInfo {
-            name,
-            dtype,
-            shape,
-            file: 0,
-            offset: data_start + begin,
-            len: end - begin,
-        });
+        tensors[i].offset = data_start + begin;
     }
     if expect != data_len {
         return Err(bad(format!(
@@ -199,36 +187,308 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
     }
     Ok((tensors, metadata.unwrap_or_default()))
 }
+/// The serde path of the header parser: any JSON, every error found and explained. Headers
+/// in the form writers produce take the fast path, [`header_fast::parse`], which gives the
+/// same answer (the fuzz target `safetensors_header` compares them).
+#[doc(hidden)]
+pub fn parse_serde(path: &Path, text: &str) -> Result<header_fast::Parsed> {
+    let bad = |what: String| Error::format(path, what);
+    let failure = RefCell::new(None);
+    parse_object(text, &failure).map_err(|e| {
+        use serde_json::error::Category;
+        // Invalid JSON anywhere is told as such, rather than what was wrong before it.
+        let e = match serde_json::from_str::<&serde_json::value::RawValue>(text) {
+            Err(syntax) if e.classify() == Category::Data => syntax,
+            _ => e,
+        };
+        match (e.classify(), failure.into_inner()) {
+            (Category::Data, Some(Failure::Tensor(name, what))) => Error::tensor(path, name, what),
+            (Category::Data, Some(Failure::Header(what))) => bad(what),
+            // Not `{e}`: serde quotes the value it found, which the file controls.
+            (Category::Data, None) => bad("corrupt header: not a JSON object".into()),
+            _ => bad(format!("corrupt header: invalid JSON ({e})")),
+        }
+    })
+}
 
-/// A JSON object as its members in file order, values left unparsed: duplicate names stay
-/// visible (a map would keep only the last), and a value is parsed only once we know what it
-/// should be, so a huge array where a shape belongs is never built as a tree of values.
-struct Entries<'a>(Vec<(String, &'a RawValue)>);
+/// Why a header was refused, recorded where it was found (serde's own error would not name
+/// the tensor, and quotes values the file controls).
+enum Failure {
+    /// About one tensor.
+    Tensor(String, String),
+    /// About the header (message in full).
+    Header(String),
+}
 
-impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Entries<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> std::result::Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(k) = m.next_key::<String>()? {
-                    // The tensors and `__metadata__`.
-                    if out.len() > MAX_TENSORS {
-                        return Err(serde::de::Error::custom(TOO_MANY_ENTRIES));
-                    }
-                    out.push((k, m.next_value::<&'a RawValue>()?));
+/// Where the visitors record the first [`Failure`] they find.
+type Failures = RefCell<Option<Failure>>;
+
+/// Records `f` unless a failure was already recorded (by a visitor deeper down, which knows
+/// more), and returns the error that stops the parse.
+fn fail<E: serde::de::Error>(failures: &Failures, f: Failure) -> E {
+    record(failures, f);
+    E::custom("refused")
+}
+
+/// Records `f` unless a failure was already recorded.
+fn record(failures: &Failures, f: Failure) {
+    let mut slot = failures.borrow_mut();
+    if slot.is_none() {
+        *slot = Some(f);
+    }
+}
+
+/// The header object: its entries in file order and `__metadata__`. Syntax errors are serde's;
+/// anything else well-formed but wrong is recorded in `failures`.
+fn parse_object(text: &str, failures: &Failures) -> serde_json::Result<header_fast::Parsed> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let header = (&mut de).deserialize_map(HeaderVisitor(failures))?;
+    de.end()?;
+    Ok(header)
+}
+
+struct HeaderVisitor<'f>(&'f Failures);
+
+impl<'de> Visitor<'de> for HeaderVisitor<'_> {
+    type Value = header_fast::Parsed;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Self::Value, A::Error> {
+        let failures = self.0;
+        let mut entries = Vec::with_capacity(m.size_hint().unwrap_or(0).min(MAX_TENSORS));
+        let mut metadata = None;
+        while let Some(name) = m.next_key::<String>()? {
+            if name == "__metadata__" {
+                if metadata.is_some() {
+                    return Err(fail(
+                        failures,
+                        Failure::Header("corrupt header: `__metadata__` appears twice".into()),
+                    ));
                 }
-                Ok(Entries(out))
+                let m = m.next_value_seed(MetadataSeed(failures)).inspect_err(|_| {
+                    let what = "corrupt header: `__metadata__` is not an object";
+                    record(failures, Failure::Header(what.into()));
+                })?;
+                metadata = Some(m.unwrap_or_default());
+                continue;
+            }
+            if entries.len() >= MAX_TENSORS {
+                return Err(fail(
+                    failures,
+                    Failure::Header(format!(
+                        "header declares more than {MAX_TENSORS} tensors, the most supported"
+                    )),
+                ));
+            }
+            match m.next_value_seed(EntrySeed(failures, &name)) {
+                Ok((dtype, shape, begin, end)) => entries.push(TensorInfo {
+                    name,
+                    dtype,
+                    shape,
+                    file: 0,
+                    offset: begin,
+                    len: end - begin,
+                }),
+                Err(e) => {
+                    let what = "header entry is not an object".to_string();
+                    record(failures, Failure::Tensor(name, what));
+                    return Err(e);
+                }
             }
         }
-        d.deserialize_map(V(std::marker::PhantomData))
+        Ok((entries, metadata))
+    }
+}
+
+/// `__metadata__`: an object of strings, or `null` (which the safetensors crate also accepts).
+struct MetadataSeed<'f>(&'f Failures);
+
+impl<'de> DeserializeSeed<'de> for MetadataSeed<'_> {
+    type Value = Option<BTreeMap<String, String>>;
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MetadataSeed<'_> {
+    type Value = Option<BTreeMap<String, String>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object of strings")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Self::Value, A::Error> {
+        let failures = self.0;
+        let bad = |what: String| Failure::Header(format!("corrupt header: {what}"));
+        let mut metadata = BTreeMap::new();
+        while let Some(k) = m.next_key::<String>()? {
+            let v = m.next_value::<String>().inspect_err(|_| {
+                let what = format!("metadata `{}` is not a string", printable(&k));
+                record(failures, bad(what));
+            })?;
+            if metadata.contains_key(&k) {
+                let what = format!("metadata `{}` appears twice", printable(&k));
+                return Err(fail(failures, bad(what)));
+            }
+            metadata.insert(k, v);
+        }
+        Ok(Some(metadata))
+    }
+}
+
+/// The fields of a header entry that mean something.
+enum Field {
+    Dtype,
+    Shape,
+    Offsets,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Field;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<Field, E> {
+                Ok(match s {
+                    "dtype" => Field::Dtype,
+                    "shape" => Field::Shape,
+                    "data_offsets" => Field::Offsets,
+                    _ => Field::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// One tensor's entry: dtype, shape, offsets relative to the data, checked against each other.
+struct EntrySeed<'f, 'n>(&'f Failures, &'n str);
+
+impl<'de> DeserializeSeed<'de> for EntrySeed<'_, '_> {
+    type Value = (DType, Vec<usize>, u64, u64);
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
+    type Value = (DType, Vec<usize>, u64, u64);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a header entry")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Self::Value, A::Error> {
+        let EntrySeed(failures, name) = self;
+        let refuse = |what: String| fail::<A::Error>(failures, Failure::Tensor(name.into(), what));
+        let note = |what: String| record(failures, Failure::Tensor(name.into(), what));
+        let twice = |k: &str| refuse(format!("header entry has `{k}` twice"));
+        let (mut dtype, mut shape, mut offsets) = (None, None, None);
+        while let Some(field) = m.next_key::<Field>()? {
+            match field {
+                Field::Dtype => {
+                    if dtype.is_some() {
+                        return Err(twice("dtype"));
+                    }
+                    let s = m
+                        .next_value::<DtypeName>()
+                        .inspect_err(|_| note("header entry has no dtype (a string)".into()))?;
+                    let d = DType::from_safetensors_name(&s.0)
+                        .ok_or_else(|| refuse(format!("unsupported dtype {}", printable(&s.0))))?;
+                    dtype = Some(d);
+                }
+                Field::Shape => {
+                    if shape.is_some() {
+                        return Err(twice("shape"));
+                    }
+                    let s = m.next_value::<Shape>().inspect_err(|e| {
+                        note(if e.to_string().starts_with(TOO_MANY_DIMS) {
+                            format!("shape has more than {MAX_DIMS} dimensions")
+                        } else {
+                            "shape is not a list of non-negative integers".into()
+                        })
+                    })?;
+                    shape = Some(s.0);
+                }
+                Field::Offsets => {
+                    if offsets.is_some() {
+                        return Err(twice("data_offsets"));
+                    }
+                    let o = m.next_value::<(u64, u64)>().inspect_err(|_| {
+                        note("data_offsets is not a pair of non-negative integers".into())
+                    })?;
+                    offsets = Some(o);
+                }
+                Field::Other => {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        let dtype = dtype.ok_or_else(|| refuse("header entry has no dtype (a string)".into()))?;
+        let shape = shape.ok_or_else(|| refuse("header entry has no shape".into()))?;
+        let (begin, end) = offsets
+            .ok_or_else(|| refuse("data_offsets is not a pair of non-negative integers".into()))?;
+        let want =
+            nbytes(dtype, &shape).ok_or_else(|| refuse(format!("shape {shape:?} overflows")))?;
+        if end < begin || end - begin != want {
+            return Err(refuse(format!(
+                "data_offsets [{begin}, {end}] hold {} bytes, but {dtype} {shape:?} needs {want}",
+                end.saturating_sub(begin)
+            )));
+        }
+        Ok((dtype, shape, begin, end))
+    }
+}
+
+/// A dtype's name, borrowed from the header when it holds no escapes.
+struct DtypeName<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for DtypeName<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = DtypeName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                s: &'de str,
+            ) -> std::result::Result<Self::Value, E> {
+                Ok(DtypeName(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                s: &str,
+            ) -> std::result::Result<Self::Value, E> {
+                Ok(DtypeName(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -247,7 +507,7 @@ impl<'de> Deserialize<'de> for Shape {
                 self,
                 mut s: A,
             ) -> std::result::Result<Shape, A::Error> {
-                let mut dims = Vec::new();
+                let mut dims = Vec::with_capacity(s.size_hint().unwrap_or(0).min(8));
                 while let Some(d) = s.next_element::<u64>()? {
                     if dims.len() == MAX_DIMS {
                         return Err(serde::de::Error::custom(TOO_MANY_DIMS));
@@ -264,71 +524,6 @@ impl<'de> Deserialize<'de> for Shape {
 }
 
 const TOO_MANY_DIMS: &str = "too many dimensions";
-const TOO_MANY_ENTRIES: &str = "too many entries";
-
-/// One tensor's header entry: dtype, shape, offsets relative to the data, all checked against
-/// each other. Errors are messages about the tensor.
-fn parse_entry(raw: &RawValue) -> std::result::Result<(DType, Vec<usize>, u64, u64), String> {
-    let fields: Entries =
-        serde_json::from_str(raw.get()).map_err(|_| "header entry is not an object".to_string())?;
-    let mut dtype = None;
-    let mut shape = None;
-    let mut offsets = None;
-    for (k, v) in fields.0 {
-        let slot = match k.as_str() {
-            "dtype" => &mut dtype,
-            "shape" => &mut shape,
-            "data_offsets" => &mut offsets,
-            _ => continue,
-        };
-        if slot.replace(v).is_some() {
-            return Err(format!("header entry has `{k}` twice"));
-        }
-    }
-    let dtype_name: String = dtype
-        .and_then(|v| serde_json::from_str(v.get()).ok())
-        .ok_or("header entry has no dtype (a string)")?;
-    let dtype = DType::from_safetensors_name(&dtype_name)
-        .ok_or_else(|| format!("unsupported dtype {}", printable(&dtype_name)))?;
-    let shape = match shape.map(|v| serde_json::from_str::<Shape>(v.get())) {
-        None => return Err("header entry has no shape".into()),
-        Some(Ok(s)) => s.0,
-        Some(Err(e)) if e.to_string().starts_with(TOO_MANY_DIMS) => {
-            return Err(format!("shape has more than {MAX_DIMS} dimensions"))
-        }
-        Some(Err(_)) => return Err("shape is not a list of non-negative integers".into()),
-    };
-    let (begin, end) = offsets
-        .and_then(|v| serde_json::from_str::<(u64, u64)>(v.get()).ok())
-        .ok_or("data_offsets is not a pair of non-negative integers")?;
-    let want = nbytes(dtype, &shape).ok_or_else(|| format!("shape {shape:?} overflows"))?;
-    if end < begin || end - begin != want {
-        return Err(format!(
-            "data_offsets [{begin}, {end}] hold {} bytes, but {dtype} {shape:?} needs {want}",
-            end.saturating_sub(begin)
-        ));
-    }
-    Ok((dtype, shape, begin, end))
-}
-
-/// `__metadata__`: an object of strings (or `null`, which the safetensors crate also accepts).
-fn parse_metadata(path: &Path, raw: &RawValue) -> Result<BTreeMap<String, String>> {
-    let bad = |what: String| Error::format(path, format!("corrupt header: {what}"));
-    if raw.get().trim() == "null" {
-        return Ok(BTreeMap::new());
-    }
-    let entries: Entries = serde_json::from_str(raw.get())
-        .map_err(|_| bad("`__metadata__` is not an object".into()))?;
-    let mut metadata = BTreeMap::new();
-    for (k, v) in entries.0 {
-        let s: String = serde_json::from_str(v.get())
-            .map_err(|_| bad(format!("metadata `{}` is not a string", printable(&k))))?;
-        if metadata.insert(k.clone(), s).is_some() {
-            return Err(bad(format!("metadata `{}` appears twice", printable(&k))));
-        }
-    }
-    Ok(metadata)
-}
 
 /// A tensor to be written: name, dtype and shape; the data comes later.
 #[derive(Clone, Debug, PartialEq)]
@@ -418,10 +613,13 @@ mod tests {
     #[test]
     fn too_many_entries_are_refused_before_they_are_stored() {
         let mut h = String::from("{");
-        for _ in 0..=MAX_TENSORS {
-            h.push_str("\"\":0,");
+        let entry = r#""":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}"#;
+        for _ in 0..MAX_TENSORS {
+            h.push_str(entry);
+            h.push(',');
         }
-        h.push_str("\"\":0}");
+        h.push_str(entry);
+        h.push('}');
         let mut f = (h.len() as u64).to_le_bytes().to_vec();
         f.extend_from_slice(h.as_bytes());
         let e = validate_bytes(Path::new("x"), &f).unwrap_err().to_string();

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::{human_bytes, print_json, progress, provenance, selected, set_threads, warn};
@@ -29,10 +30,14 @@ pub struct Plan {
 impl Plan {
     /// Opens, orders and weighs the inputs and matches their tensors.
     pub fn new(args: &FoldArgs, schedule: &Schedule) -> Result<Plan> {
+        // In parallel: a header of many tensors takes milliseconds to parse. The first error
+        // in the order given is the one reported.
         let opened = args
             .inputs
-            .iter()
+            .par_iter()
             .map(|p| Checkpoint::open(p))
+            .collect::<Vec<_>>()
+            .into_iter()
             .collect::<Result<Vec<_>>>()?;
         let paths: Vec<&Path> = opened.iter().map(|c| c.path.as_path()).collect();
         let steps: Vec<Option<u64>> = opened.iter().map(|c| c.step).collect();
@@ -103,6 +108,15 @@ impl Plan {
     }
 }
 
+/// The position of `name` in `c`, looked at first at `hint` (the checkpoints of a series
+/// usually list the same tensors in the same order).
+fn find(c: &Checkpoint, name: &str, hint: usize) -> Option<usize> {
+    match c.tensors.get(hint) {
+        Some(t) if t.name == name => Some(hint),
+        _ => c.position(name),
+    }
+}
+
 /// Checks every input holds the same tensors with the same shapes, and makes one job per
 /// selected tensor of the last input, in its order.
 fn match_tensors(
@@ -118,7 +132,9 @@ fn match_tensors(
         if let Some(t) = c
             .tensors
             .iter()
-            .find(|t| is_selected(&t.name) && last.get(&t.name).is_none())
+            .enumerate()
+            .find(|(i, t)| is_selected(&t.name) && find(last, &t.name, *i).is_none())
+            .map(|(_, t)| t)
         {
             return Err(Error::missing(&last.path, &c.path, &t.name));
         }
@@ -136,7 +152,7 @@ fn match_tensors(
         let mut sources = Vec::new();
         let mut ws = Vec::new();
         for (ci, c) in ckpts.iter().enumerate() {
-            let Some(pos) = c.position(&t.name) else {
+            let Some(pos) = find(c, &t.name, ti) else {
                 return Err(Error::missing(&c.path, &last.path, &t.name));
             };
             let o = &c.tensors[pos];
