@@ -270,6 +270,38 @@ mod tests {
         assert_eq!(parse("{}"), Some((vec![], None)));
     }
 
+    proptest::proptest! {
+        /// Whatever a writer writes (names with any characters, escaped or not), the fast path
+        /// reads as the serde path does, or leaves it to it.
+        #[test]
+        fn agrees_with_the_serde_path_on_written_headers(
+            tensors in proptest::collection::vec(
+                ("\\PC{0,12}", 0usize..4, proptest::collection::vec(0usize..5, 0..4)),
+                0..6,
+            ),
+            meta in proptest::collection::btree_map("\\PC{0,6}", "\\PC{0,6}", 0..3),
+        ) {
+            use crate::checkpoint::safetensors::{encode_header, parse_serde, OutTensor};
+            let dtypes = [DType::F32, DType::BF16, DType::F64, DType::I64];
+            let out: Vec<OutTensor> = tensors
+                .iter()
+                .map(|(name, d, shape)| OutTensor {
+                    name: name.clone(),
+                    dtype: dtypes[*d],
+                    shape: shape.clone(),
+                })
+                .collect();
+            let (bytes, _) = encode_header(&out, &meta);
+            let text = std::str::from_utf8(&bytes[8..]).unwrap().trim_end_matches(' ');
+            let slow = parse_serde(std::path::Path::new("x"), text).unwrap();
+            let plain = text.bytes().all(|c| c != b'\\');
+            match parse(text) {
+                Some(fast) => proptest::prop_assert_eq!(fast, slow),
+                None => proptest::prop_assert!(!plain, "a plain header left to the serde path"),
+            }
+        }
+    }
+
     #[test]
     fn leaves_everything_else_to_the_serde_path() {
         for h in [
