@@ -263,6 +263,52 @@ impl AtomicFile {
         Ok(())
     }
 
+    /// Writes `bufs` back to back from `off` of the temporary file: [`AtomicFile::write_at`]
+    /// with one `pwritev` for as many buffers as it takes (up to 1024).
+    pub fn write_vectored_at(&self, mut off: u64, bufs: &[&[u8]]) -> Result<()> {
+        const IOV_MAX: usize = 1024;
+        let io = |e: std::io::Error| Error::io(&self.target, e);
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        // The first buffer not fully written, and how much of it is.
+        let (mut first, mut done) = (0, 0);
+        while first < bufs.len() && bufs[first].is_empty() {
+            first += 1;
+        }
+        while first < bufs.len() {
+            let slices: Vec<std::io::IoSlice> = std::iter::once(&bufs[first][done..])
+                .chain(bufs[first + 1..].iter().copied())
+                .take(IOV_MAX)
+                .map(std::io::IoSlice::new)
+                .collect();
+            let mut n = match rustix::io::pwritev(self.file(), &slices, off) {
+                Ok(0) => return Err(io(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(io(e.into())),
+            };
+            off += n as u64;
+            while n > 0 {
+                let left = bufs[first].len() - done;
+                if n < left {
+                    done += n;
+                    n = 0;
+                } else {
+                    n -= left;
+                    (first, done) = (first + 1, 0);
+                }
+            }
+            // Skip empty buffers, so that the loop ends with the last one.
+            while first < bufs.len() && bufs[first].len() == done {
+                (first, done) = (first + 1, 0);
+            }
+        }
+        let before = self.written.fetch_add(total, Ordering::Relaxed);
+        if (before + total) / WRITEBACK_BYTES != before / WRITEBACK_BYTES {
+            start_writeback(self.file());
+        }
+        Ok(())
+    }
+
     /// Syncs the data and makes the file world-readable (0644), as [`AtomicFile::commit`] does
     /// before it renames: a writer of several files does this for all of them first.
     pub fn sync(&self) -> Result<()> {
@@ -392,6 +438,28 @@ impl Sink for SafetensorsWriter {
         debug_assert!(off + bytes.len() as u64 <= self.sizes[tensor]);
         self.file.write_at(self.offsets[tensor] + off, bytes)
     }
+
+    fn write_batch(&self, writes: &[(usize, u64, &[u8])]) -> Result<()> {
+        let mut run: Vec<&[u8]> = Vec::new();
+        let (mut start, mut end) = (0, 0);
+        for &(tensor, off, bytes) in writes {
+            debug_assert!(off + bytes.len() as u64 <= self.sizes[tensor]);
+            let at = self.offsets[tensor] + off;
+            if at != end && !run.is_empty() {
+                self.file.write_vectored_at(start, &run)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                start = at;
+            }
+            run.push(bytes);
+            end = at + bytes.len() as u64;
+        }
+        if !run.is_empty() {
+            self.file.write_vectored_at(start, &run)?;
+        }
+        Ok(())
+    }
 }
 
 /// Checks, before any work, that `target` and `--max-shard-size` go together: shards are
@@ -470,5 +538,36 @@ impl Sink for Writer {
             Writer::Sharded(w) => w.write(tensor, off, bytes),
             Writer::Pth(w) => w.write(tensor, off, bytes),
         }
+    }
+
+    fn write_batch(&self, writes: &[(usize, u64, &[u8])]) -> Result<()> {
+        match self {
+            Writer::Safetensors(w) => w.write_batch(writes),
+            Writer::Sharded(w) => w.write_batch(writes),
+            Writer::Pth(w) => w.write_batch(writes),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectored_writes_put_every_buffer_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.bin");
+        let f = AtomicFile::create(&target, false).unwrap();
+        // More buffers than one pwritev takes, empty ones among them (first and last too).
+        let bufs: Vec<Vec<u8>> = (0..2500u32)
+            .map(|i| vec![(i % 251) as u8; if i % 7 == 0 { 0 } else { (i % 13) as usize }])
+            .collect();
+        let slices: Vec<&[u8]> = bufs.iter().map(Vec::as_slice).collect();
+        f.write_at(0, b"head").unwrap();
+        f.write_vectored_at(4, &slices).unwrap();
+        f.write_vectored_at(4, &[]).unwrap();
+        f.commit().unwrap();
+        let want: Vec<u8> = b"head".iter().copied().chain(bufs.concat()).collect();
+        assert_eq!(std::fs::read(&target).unwrap(), want);
     }
 }

@@ -183,8 +183,11 @@ pub fn execute_with(
     }
 }
 
-/// Writes queued past this many wait for the worker that queues the next one.
-const MAX_PENDING: usize = 8;
+/// Bytes of encoded output queued before they are written: enough to make few large writes of
+/// many small tensors (back to back in the output, they are joined into one `pwritev`).
+const WRITE_BATCH: usize = 1 << 20;
+/// Bytes queued past which the worker that queues more waits to write them.
+const MAX_PENDING: usize = 4 * WRITE_BATCH;
 
 /// An encoded range waiting to be written.
 struct Pending {
@@ -194,14 +197,22 @@ struct Pending {
     buf: Vec<u8>,
 }
 
+/// The queue of encoded ranges and its size in bytes.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    bytes: usize,
+}
+
 /// The output writes of the folds. Writes to one file serialize in the kernel (buffered writes
 /// take the file's lock), and a worker blocked there used to spin on it (a fifth of the CPU
 /// time of a fold of two 4 GB checkpoints, whose output is half the input). So a worker queues
-/// its encoded range and goes on folding; whichever worker finds no one writing writes the
-/// whole queue. A long queue makes the next worker write it, so memory stays bounded.
+/// its encoded range and goes on folding; once [`WRITE_BATCH`] bytes are queued, whichever
+/// worker finds no one writing writes the whole queue, as few system calls as the output's
+/// layout allows. A long queue makes the next worker write it, so memory stays bounded.
 struct Writes<'a> {
     sink: &'a dyn Sink,
-    pending: Mutex<Vec<Pending>>,
+    queue: Mutex<Queue>,
     /// Held while writing; the first failed write, with its item.
     writer: Mutex<Option<(usize, Error)>>,
     /// Buffers written, to encode the next ranges into.
@@ -217,25 +228,28 @@ impl<'a> Writes<'a> {
     fn new(sink: &'a dyn Sink) -> Writes<'a> {
         Writes {
             sink,
-            pending: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue::default()),
             writer: Mutex::new(None),
             pool: Mutex::new(Vec::new()),
             failed: AtomicBool::new(false),
         }
     }
 
-    /// Queues `p` for writing, writes the queue if no other worker is, and returns a buffer
-    /// for the next range.
+    /// Queues `p` for writing, writes the queue if it is large enough and no other worker is
+    /// writing, and returns a buffer for the next range.
     fn submit(&self, p: Pending) -> Vec<u8> {
-        let long = {
-            let mut q = lock(&self.pending);
-            q.push(p);
-            q.len() > MAX_PENDING
+        let queued = {
+            let mut q = lock(&self.queue);
+            q.bytes += p.buf.len();
+            q.pending.push(p);
+            q.bytes
         };
-        if long {
+        if queued > MAX_PENDING {
             self.drain(lock(&self.writer));
-        } else if let Ok(w) = self.writer.try_lock() {
-            self.drain(w);
+        } else if queued >= WRITE_BATCH {
+            if let Ok(w) = self.writer.try_lock() {
+                self.drain(w);
+            }
         }
         lock(&self.pool).pop().unwrap_or_default()
     }
@@ -243,19 +257,24 @@ impl<'a> Writes<'a> {
     /// Writes the queue until it is empty.
     fn drain(&self, mut error: std::sync::MutexGuard<'_, Option<(usize, Error)>>) {
         loop {
-            let batch = std::mem::take(&mut *lock(&self.pending));
+            let mut batch = std::mem::take(&mut *lock(&self.queue)).pending;
             if batch.is_empty() {
                 return;
             }
-            for p in batch {
-                if error.is_none() {
-                    if let Err(e) = self.sink.write(p.tensor, p.off, &p.buf) {
-                        *error = Some((p.item, e));
-                        self.failed.store(true, Ordering::Relaxed);
-                    }
+            if error.is_none() {
+                batch.sort_unstable_by_key(|p| (p.tensor, p.off));
+                let writes: Vec<(usize, u64, &[u8])> = batch
+                    .iter()
+                    .map(|p| (p.tensor, p.off, &p.buf[..]))
+                    .collect();
+                if let Err(e) = self.sink.write_batch(&writes) {
+                    // Which of the batch failed is not known: blame its first item.
+                    let item = batch.iter().map(|p| p.item).min().unwrap_or(0);
+                    *error = Some((item, e));
+                    self.failed.store(true, Ordering::Relaxed);
                 }
-                lock(&self.pool).push(p.buf);
             }
+            lock(&self.pool).extend(batch.into_iter().map(|p| p.buf));
         }
     }
 

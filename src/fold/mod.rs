@@ -56,6 +56,15 @@ impl Job {
 /// `i`'s data. Called from many threads at once, for disjoint ranges.
 pub trait Sink: Sync {
     fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()>;
+
+    /// Several writes (`(tensor, off, bytes)`), sorted by tensor and offset. A sink that lays
+    /// tensors out back to back joins neighbouring ranges into one system call: a checkpoint of
+    /// many small tensors would otherwise cost a write per tensor.
+    fn write_batch(&self, writes: &[(usize, u64, &[u8])]) -> Result<()> {
+        writes
+            .iter()
+            .try_for_each(|&(t, off, b)| self.write(t, off, b))
+    }
 }
 
 /// The device that folds.

@@ -170,6 +170,22 @@ impl Sink for ShardedWriter {
         let (s, k) = self.place[tensor];
         self.shards[s].write(k, off, bytes)
     }
+
+    fn write_batch(&self, writes: &[(usize, u64, &[u8])]) -> Result<()> {
+        // Sorted by tensor, so by shard: each shard gets its run of the batch.
+        let mut rest = writes;
+        while let Some(&(first, ..)) = rest.first() {
+            let s = self.place[first].0;
+            let n = rest.iter().take_while(|w| self.place[w.0].0 == s).count();
+            let local: Vec<(usize, u64, &[u8])> = rest[..n]
+                .iter()
+                .map(|&(t, off, b)| (self.place[t].1, off, b))
+                .collect();
+            self.shards[s].write_batch(&local)?;
+            rest = &rest[n..];
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
