@@ -544,3 +544,37 @@ fn malformed_files_fail_with_a_message() {
         "nothing written"
     );
 }
+
+#[test]
+fn inspect_reads_the_header_of_views_and_stats_their_values() {
+    // Without --stats nothing but the header is read: the views are not gathered.
+    let c = Checkpoint::open_header(Path::new(&fx("views.pth"))).unwrap();
+    assert!(c.files.len() == 1, "no temporary file of gathered views");
+    let t = c.get("transposed").unwrap();
+    let mut buf = vec![0u8; t.len as usize];
+    let e = c.read_at(t, 0, &mut buf).unwrap_err().to_string();
+    assert!(e.contains("opened for its header only"), "{e}");
+    let header = json(&["inspect", "--json", "--tensors", &fx("views.pth")]);
+    let tensors = header["files"][0]["tensor_list"].as_array().unwrap();
+    let transposed = tensors.iter().find(|t| t["name"] == "transposed").unwrap();
+    let expected = Checkpoint::open(Path::new(&fx("views.expected.safetensors"))).unwrap();
+    let e = expected.get("transposed").unwrap();
+    assert_eq!(transposed["shape"], serde_json::json!(e.shape));
+    assert_eq!(transposed["bytes"], e.len);
+    assert_eq!(header["files"][0]["tree"][0]["kind"], "tensor");
+    // With --stats the values are those of the contiguous twin.
+    let stats = |p: &str| {
+        let v = json(&["inspect", "--json", "--stats", p]);
+        let list = v["files"][0]["tensor_list"].as_array().unwrap().clone();
+        let mut m: Vec<(String, Value)> = list
+            .into_iter()
+            .map(|t| (t["name"].as_str().unwrap().to_string(), t["stats"].clone()))
+            .collect();
+        m.sort_by(|a, b| a.0.cmp(&b.0));
+        m
+    };
+    assert_eq!(
+        stats(&fx("views.pth")),
+        stats(&fx("views.expected.safetensors"))
+    );
+}

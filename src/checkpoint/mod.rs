@@ -187,6 +187,11 @@ pub struct Checkpoint {
     /// Training step, when one was found.
     pub step: Option<u64>,
     pub step_source: Option<StepSource>,
+    /// The parsed archive of a `.pth` (its directory, storages and top-level entries).
+    pub archive: Option<Box<torch::Archive>>,
+    /// Opened by [`Checkpoint::open_header`]: the values of a `.pth`'s non-contiguous views
+    /// were not gathered, so its tensors are not to be read.
+    header_only: bool,
     index: NameIndex,
 }
 
@@ -241,15 +246,33 @@ impl Checkpoint {
         Checkpoint::open_file(path)
     }
 
+    /// Opens a checkpoint as [`Checkpoint::open`] does, for what its header says only: the
+    /// non-contiguous views of a `.pth`, whose values `open` gathers into a temporary file,
+    /// are left as they are, so this reads nothing but the header whatever the checkpoint.
+    /// Reading a tensor of it is an error.
+    pub fn open_header(path: &Path) -> Result<Checkpoint> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() || sharded::is_index_name(path) {
+            return sharded::open(path);
+        }
+        Checkpoint::open_file_with(path, false)
+    }
+
     /// Opens a single-file checkpoint, its format told by its first bytes.
     pub fn open_file(path: &Path) -> Result<Checkpoint> {
+        Checkpoint::open_file_with(path, true)
+    }
+
+    /// [`Checkpoint::open_file`]; `gather`: whether to gather the values of a `.pth`'s
+    /// non-contiguous views (see [`Checkpoint::open_header`]).
+    fn open_file_with(path: &Path, gather: bool) -> Result<Checkpoint> {
         let mut magic = [0u8; 512];
         let (file, _) = open_regular(path)?;
         let n = read_up_to(&file, 0, &mut magic).map_err(|e| Error::io(path, e))?;
         drop(file);
         let magic = &magic[..n];
         if zip::is_zip(magic) {
-            return torch::open(path);
+            return torch::open(path, gather);
         }
         if let Some(what) = legacy_torch(magic) {
             return Err(Error::format(
@@ -302,8 +325,22 @@ impl Checkpoint {
             skipped,
             step,
             step_source,
+            archive: None,
+            header_only: false,
             index,
         })
+    }
+
+    /// An error for a checkpoint opened with [`Checkpoint::open_header`], whose tensors are
+    /// not to be read (a mistake of the caller, reported rather than reading wrong values).
+    pub fn check_readable(&self) -> Result<()> {
+        if self.header_only {
+            return Err(Error::format(
+                &self.path,
+                "opened for its header only: its tensors cannot be read",
+            ));
+        }
+        Ok(())
     }
 
     /// The tensor called `name`.
@@ -318,6 +355,7 @@ impl Checkpoint {
 
     /// Reads `buf.len()` bytes of tensor `t` starting `off` bytes into its data.
     pub fn read_at(&self, t: &TensorInfo, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_readable()?;
         off.checked_add(buf.len() as u64)
             .filter(|&e| e <= t.len)
             .ok_or_else(|| Error::tensor(&self.path, &t.name, "read past the end of the tensor"))?;

@@ -338,21 +338,16 @@ impl Archive {
     }
 }
 
-/// Reads the archive at `path` (directory and pickle only).
-pub fn read_archive(path: &Path) -> Result<Archive> {
-    let df = DataFile::open(path)?;
-    Archive::read(&Source::File(&df.file, df.len), path)
-}
-
-/// Opens a PyTorch checkpoint.
-pub fn open(path: &Path) -> Result<Checkpoint> {
+/// Opens a PyTorch checkpoint; `gather_views`: whether to gather the values of non-contiguous views
+/// into a temporary file (without, they are not to be read: see `Checkpoint::open_header`).
+pub fn open(path: &Path, gather_views: bool) -> Result<Checkpoint> {
     let df = DataFile::open(path)?;
     let archive = Archive::read(&Source::File(&df.file, df.len), path)?;
     let mut spill: Option<DataFile> = None;
     let mut tensors = Vec::with_capacity(archive.tensors.len());
     for t in &archive.tensors {
         let len = t.nbytes();
-        let (file, offset) = if t.is_contiguous() {
+        let (file, offset) = if t.is_contiguous() || !gather_views {
             (0, archive.data_offset(t))
         } else {
             let bytes = gather(&df, &archive, t, path)?;
@@ -384,14 +379,17 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     }
     let mut files = vec![df];
     files.extend(spill);
-    Checkpoint::new(
+    let mut ckpt = Checkpoint::new(
         path.to_path_buf(),
         Format::Torch,
         files,
         tensors,
-        archive.metadata,
-        archive.skipped,
-    )
+        archive.metadata.clone(),
+        archive.skipped.clone(),
+    )?;
+    ckpt.header_only = !gather_views && archive.tensors.iter().any(|t| !t.is_contiguous());
+    ckpt.archive = Some(Box::new(archive));
+    Ok(ckpt)
 }
 
 /// The elements of a non-contiguous tensor, in row-major order.

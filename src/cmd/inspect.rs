@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{human_bytes, print_json};
-use crate::checkpoint::{torch, Checkpoint, Format, TensorInfo};
+use crate::checkpoint::{Checkpoint, Format, TensorInfo};
 use crate::cli::InspectArgs;
 use crate::error::Result;
 use crate::fold::kernels::decode;
@@ -105,7 +105,7 @@ pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
     });
     if c.format == Format::Torch {
         // The top-level entries of the pickle: which hold tensors, values, skipped objects.
-        v["tree"] = json!(torch::read_archive(&c.path)?.top);
+        v["tree"] = json!(c.archive.as_ref().map(|a| &a.top));
     }
     if c.format == Format::Sharded {
         let mut shards: Vec<&std::path::Path> = Vec::new();
@@ -152,7 +152,12 @@ pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
 pub fn run(args: &InspectArgs) -> Result<()> {
     let mut files = Vec::new();
     for p in &args.inputs {
-        let c = Checkpoint::open(p)?;
+        // Statistics read every value; otherwise the header is all there is to read.
+        let c = if args.stats {
+            Checkpoint::open(p)?
+        } else {
+            Checkpoint::open_header(p)?
+        };
         let d = describe(&c, args.tensors, args.stats)?;
         if !args.json {
             print_human(&d);

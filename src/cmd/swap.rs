@@ -124,7 +124,10 @@ fn swap_in_archive(
     started: Instant,
 ) -> Result<()> {
     let path = ckpt.path.clone();
-    let archive = torch::read_archive(&path)?;
+    let archive = ckpt
+        .archive
+        .as_deref()
+        .ok_or_else(|| Error::format(&path, "is not a PyTorch archive"))?;
     let names: Vec<(&str, &str)> = pairing
         .pairs
         .iter()
@@ -150,7 +153,7 @@ fn swap_in_archive(
         comment_for(&record)
     };
     let slots: Vec<usize> = exchanges.iter().flat_map(|&(a, b)| [a, b]).collect();
-    let records = torch::records_checkpoint(&path, &archive, &slots)?;
+    let records = torch::records_checkpoint(&path, archive, &slots)?;
     // Slot 2k takes the bytes of slot 2k + 1 and the other way round.
     let jobs: Vec<Job> = (0..slots.len())
         .map(|i| Job::Copy {
@@ -165,7 +168,7 @@ fn swap_in_archive(
         output,
         args.out.force,
         &path,
-        &archive,
+        archive,
         &exchanges,
         &comment,
     )?;

@@ -152,6 +152,7 @@ pub fn execute(
     progress: &Progress,
 ) -> Result<()> {
     for c in ckpts {
+        c.check_readable()?;
         c.check_unchanged()?;
     }
     let result = match device {
