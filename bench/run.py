@@ -47,7 +47,7 @@ SUITES = {
     "default": [
         ("f32", 8, "64x1048576", "f32", "cat,ema,swa,ema-tmpfs,ema-pread,torch,timm"),
         ("bf16", 8, "64x2097152", "bf16", "cat,ema,swa,ema-tmpfs,torch,timm"),
-        ("f32-small", 8, "16384x4096", "f32", "cat,ema,torch"),
+        ("f32-small", 8, "16384x4096", "f32", "cat,ema,swa,torch"),
     ],
     "scaling": [
         ("f32-x2", 2, "64x1048576", "f32", "cat,ema"),

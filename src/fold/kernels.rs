@@ -321,8 +321,8 @@ fn encode_impl(dtype: DType, acc: &[f64], out: &mut [u8]) {
             }
         }
         DType::F16 => enc!(2, |a: f64| f32_to_f16(a as f32).to_le_bytes()),
-        DType::F8E4M3 => enc!(1, |a: f64| [f8_encode(&F8E4M3_TABLE, a, F8E4M3_OVERFLOW)]),
-        DType::F8E5M2 => enc!(1, |a: f64| [f8_encode(&F8E5M2_TABLE, a, F8E5M2_OVERFLOW)]),
+        DType::F8E4M3 => enc!(1, |a: f64| [f8_encode(&F8E4M3, a)]),
+        DType::F8E5M2 => enc!(1, |a: f64| [f8_encode(&F8E5M2, a)]),
         other => unreachable!("encode called on non-float dtype {other}"),
     }
 }
@@ -454,9 +454,26 @@ pub fn count_non_finite(vals: &[f64]) -> (usize, usize) {
     (nan, inf)
 }
 
-/// What a value past the largest finite one becomes.
-const F8E4M3_OVERFLOW: u8 = 0x7F; // e4m3fn has no infinity: NaN
-const F8E5M2_OVERFLOW: u8 = 0x7C; // +inf
+/// A float8 format, for encoding: its decode table, its largest finite code and what a value
+/// past the largest finite one becomes.
+struct F8 {
+    table: &'static [f32; 256],
+    top: u8,
+    overflow: u8,
+}
+
+/// e4m3fn has no infinity: past 448 is NaN.
+static F8E4M3: F8 = F8 {
+    table: &F8E4M3_TABLE,
+    top: 0x7E,
+    overflow: 0x7F,
+};
+/// e5m2: past 57344 is +inf.
+static F8E5M2: F8 = F8 {
+    table: &F8E5M2_TABLE,
+    top: 0x7B,
+    overflow: 0x7C,
+};
 
 /// float8 e4m3fn: bias 7, no infinities, 0x7F/0xFF are NaN, largest finite 448.
 static F8E4M3_TABLE: [f32; 256] = f8_table(4, 3, 7, true);
@@ -509,17 +526,13 @@ const fn f8_table(ebits: u32, mbits: u32, bias: i32, fn_variant: bool) -> [f32; 
 
 /// Nearest float8 code to `a`, ties to even, using the decode table's positive half
 /// (codes 0..0x80 increase with value up to the first non-finite one).
-fn f8_encode(table: &[f32; 256], a: f64, overflow: u8) -> u8 {
+fn f8_encode(f: &F8, a: f64) -> u8 {
     if a.is_nan() {
         return 0x7F;
     }
+    let (table, top, overflow) = (f.table, f.top, f.overflow);
     let sign = if a.is_sign_negative() { 0x80u8 } else { 0 };
     let x = a.abs();
-    // Largest finite positive code.
-    let top = (0..0x80u8)
-        .rev()
-        .find(|&c| table[c as usize].is_finite())
-        .unwrap_or(0);
     let max = table[top as usize] as f64;
     if x >= max {
         // Past max the next representable step would be max + ulp(max); halfway rounds up.
@@ -598,6 +611,17 @@ mod tests {
     }
 
     #[test]
+    fn f8_top_is_the_largest_finite_code() {
+        for f in [&F8E4M3, &F8E5M2] {
+            let top = (0..0x80u8)
+                .rev()
+                .find(|&c| f.table[c as usize].is_finite())
+                .unwrap();
+            assert_eq!(f.top, top);
+        }
+    }
+
+    #[test]
     fn f8_tables_match_the_formats() {
         assert_eq!(F8E4M3_TABLE[0x7E], 448.0);
         assert!(F8E4M3_TABLE[0x7F].is_nan());
@@ -616,8 +640,8 @@ mod tests {
     fn f8_encode_rounds_and_overflows() {
         for c in 0..0x7Fu8 {
             let v = F8E4M3_TABLE[c as usize] as f64;
-            assert_eq!(f8_encode(&F8E4M3_TABLE, v, F8E4M3_OVERFLOW), c);
-            assert_eq!(f8_encode(&F8E4M3_TABLE, -v, F8E4M3_OVERFLOW) & 0x7F, c);
+            assert_eq!(f8_encode(&F8E4M3, v), c);
+            assert_eq!(f8_encode(&F8E4M3, -v) & 0x7F, c);
         }
         assert_eq!(round_trip(DType::F8E4M3, &[1.0625]), vec![1.0]); // tie to even
         assert_eq!(round_trip(DType::F8E4M3, &[1.1]), vec![1.125]);
