@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use ema_tool::checkpoint::{find_step, SAFETENSORS_STEP_KEYS};
 use ema_tool::plan::{natural_cmp, order_inputs, Order, Schedule, Strategy};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
+use clap::ValueEnum;
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, Arbitrary)]
@@ -26,14 +27,6 @@ struct Input {
 }
 
 const ORDERS: [Order; 4] = [Order::Auto, Order::Given, Order::Name, Order::Step];
-const STRATEGIES: [Strategy; 6] = [
-    Strategy::Exponential,
-    Strategy::Annealing,
-    Strategy::Mmcv,
-    Strategy::ExpMomentum,
-    Strategy::LinearMomentum,
-    Strategy::Swa,
-];
 
 fuzz_target!(|inp: Input| {
     let names: Vec<String> = inp.names.into_iter().take(64).collect();
@@ -85,7 +78,10 @@ fuzz_target!(|inp: Input| {
     }
 
     let schedule = Schedule {
-        strategy: STRATEGIES[inp.strategy as usize % 6],
+        strategy: {
+            let all = Strategy::value_variants();
+            all[inp.strategy as usize % all.len()]
+        },
         momentum: inp.momentum,
         interval: inp.interval,
         gamma: inp.gamma,

@@ -164,14 +164,7 @@ fn swap_in_archive(
             out_dtype: DType::U8,
         })
         .collect();
-    let writer = PatchWriter::create(
-        output,
-        args.out.force,
-        &path,
-        archive,
-        &exchanges,
-        &comment,
-    )?;
+    let writer = PatchWriter::create(output, args.out.force, &path, archive, &exchanges, &comment)?;
     drop(ckpt);
     let ckpts = [records];
     copy_tensors(&ckpts, &jobs, &writer, args.out.quiet, false)?;

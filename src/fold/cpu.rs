@@ -169,8 +169,11 @@ pub fn execute_with(
                 break;
             }
             progress.add(input_bytes(ckpts, job, *item));
+            // Done before its output is written: its input may be released, and the other
+            // worker may run ahead, while this one writes.
             release.done(i);
             advance();
+            writes.write_if_due();
         }
         // The last worker to get here writes what the others queued.
         writes.finish();
@@ -235,15 +238,20 @@ impl<'a> Writes<'a> {
         }
     }
 
-    /// Queues `p` for writing, writes the queue if it is large enough and no other worker is
-    /// writing, and returns a buffer for the next range.
+    /// Queues `p` for writing and returns a buffer for the next range.
     fn submit(&self, p: Pending) -> Vec<u8> {
-        let queued = {
+        {
             let mut q = lock(&self.queue);
             q.bytes += p.buf.len();
             q.pending.push(p);
-            q.bytes
-        };
+        }
+        lock(&self.pool).pop().unwrap_or_default()
+    }
+
+    /// Writes the queue if it is large enough and no other worker is writing it, or, when it is
+    /// too long, once the other worker is done writing.
+    fn write_if_due(&self) {
+        let queued = lock(&self.queue).bytes;
         if queued > MAX_PENDING {
             self.drain(lock(&self.writer));
         } else if queued >= WRITE_BATCH {
@@ -251,7 +259,6 @@ impl<'a> Writes<'a> {
                 self.drain(w);
             }
         }
-        lock(&self.pool).pop().unwrap_or_default()
     }
 
     /// Writes the queue until it is empty.
