@@ -152,7 +152,7 @@ impl Pickle {
             elements: 0,
             stack: Vec::new(),
             marks: Vec::new(),
-            memo: HashMap::new(),
+            memo: Memo::default(),
         };
         let root = m.run()?;
         Ok(Pickle {
@@ -208,7 +208,55 @@ struct Machine<'a> {
     elements: usize,
     stack: Vec<Id>,
     marks: Vec<usize>,
-    memo: HashMap<u32, Id>,
+    memo: Memo,
+}
+
+/// The memo: keys to values. Picklers number their memo entries 0, 1, 2, …, so keys are held
+/// in a vector indexed by key while they stay dense (the vector never outgrows twice the
+/// number of entries, plus a little), and in a hash map beyond, whatever a file does.
+#[derive(Default)]
+struct Memo {
+    /// `dense[k]`: the value of key `k`, for every key below `dense.len()`.
+    dense: Vec<Option<Id>>,
+    /// Keys at or above `dense.len()`.
+    sparse: HashMap<u32, Id>,
+    len: usize,
+}
+
+impl Memo {
+    fn get(&self, key: u32) -> Option<Id> {
+        match self.dense.get(key as usize) {
+            Some(v) => *v,
+            None => self.sparse.get(&key).copied(),
+        }
+    }
+
+    fn contains(&self, key: u32) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn insert(&mut self, key: u32, id: Id) {
+        let k = key as usize;
+        if k >= self.dense.len() && k < 2 * self.len + 1024 {
+            // Grow the dense part to hold `key`, moving the keys it now covers.
+            let from = self.dense.len();
+            self.dense.resize(k + 1, None);
+            if !self.sparse.is_empty() {
+                for j in from..=k {
+                    if let Some(v) = self.sparse.remove(&(j as u32)) {
+                        self.dense[j] = Some(v);
+                    }
+                }
+            }
+        }
+        let new = match self.dense.get_mut(k) {
+            Some(slot) => slot.replace(id).is_none(),
+            None => self.sparse.insert(key, id).is_none(),
+        };
+        if new {
+            self.len += 1;
+        }
+    }
 }
 
 /// Opcodes, as named in Lib/pickle.py.
@@ -394,7 +442,7 @@ impl<'a> Machine<'a> {
 
     fn memo_put(&mut self, key: u32) -> PResult<()> {
         let top = self.top()?;
-        if self.memo.len() >= self.limits.max_values && !self.memo.contains_key(&key) {
+        if self.memo.len >= self.limits.max_values && !self.memo.contains(key) {
             return self.err("memo too large");
         }
         self.memo.insert(key, top);
@@ -402,8 +450,8 @@ impl<'a> Machine<'a> {
     }
 
     fn memo_get(&mut self, key: u32) -> PResult<()> {
-        match self.memo.get(&key) {
-            Some(&id) => self.push_id(id),
+        match self.memo.get(key) {
+            Some(id) => self.push_id(id),
             None => self.err(format!("memo key {key} was never stored")),
         }
     }
@@ -821,7 +869,7 @@ impl<'a> Machine<'a> {
                     self.memo_put(k)?;
                 }
                 MEMOIZE => {
-                    let k = u32::try_from(self.memo.len()).unwrap_or(u32::MAX);
+                    let k = u32::try_from(self.memo.len).unwrap_or(u32::MAX);
                     self.memo_put(k)?;
                 }
                 EXT1 | EXT2 | EXT4 => {
@@ -942,6 +990,33 @@ mod tests {
         let items = p.seq(e[1].1).unwrap();
         assert_eq!(p.get(items[0]), &Value::Float(2.5));
         assert_eq!(p.get(e[2].1), &Value::Bool(true));
+    }
+
+    #[test]
+    fn memo_keys_dense_sparse_and_moved() {
+        // 7 under key 5000 while nothing is stored (too far for the vector: the hash map),
+        // 8 under key 0; then keys 1..=5100 but 5000, and the vector, growing with them, takes
+        // key 5000 over from the hash map. Every key resolves.
+        let mut b = b"\x80\x02K\x07r\x88\x13\x00\x000K\x08q\x000".to_vec();
+        for k in (1u32..=5100).filter(|&k| k != 5000) {
+            b.extend_from_slice(b"K\x09r");
+            b.extend_from_slice(&k.to_le_bytes());
+            b.push(b'0');
+        }
+        b.extend_from_slice(b"j\x88\x13\x00\x00h\x00j\xb8\x0b\x00\x00\x87.");
+        let p = parse(&b).unwrap();
+        let items = p.seq(p.root).unwrap();
+        let ints: Vec<i64> = items.iter().map(|&i| p.int(i).unwrap()).collect();
+        assert_eq!(ints, vec![7, 8, 9]);
+        // Overwriting a key keeps the count; a key never stored is an error.
+        assert_eq!(
+            parse(b"K\x01q\x05K\x02q\x05h\x05.").map(|p| p.int(p.root)),
+            Ok(Some(2))
+        );
+        assert!(parse(b"K\x01q\x05h\x04.")
+            .unwrap_err()
+            .what
+            .contains("never stored"));
     }
 
     #[test]

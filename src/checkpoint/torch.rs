@@ -212,6 +212,7 @@ impl Archive {
             Pickle::parse(&data, &pickle::LIMITS).map_err(|e| fmt(format!("{pkl_name}: {e}")))?;
         drop(data);
 
+        let headers = zip::Headers::new(src);
         let records = |key: &str| -> Result<(usize, u64, u64)> {
             let name = format!("{prefix}data/{key}");
             let &i = by_name.get(name.as_str()).ok_or_else(|| {
@@ -220,7 +221,7 @@ impl Archive {
                      damaged file?)"
                 ))
             })?;
-            let (off, len) = zip::data_range(src, &dir, &dir.entries[i]).map_err(fmt)?;
+            let (off, len) = zip::data_range(&headers, &dir, &dir.entries[i]).map_err(fmt)?;
             Ok((i, off, len))
         };
         let flat = flatten(&pickle, path, records)?;
