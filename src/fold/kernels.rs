@@ -460,6 +460,9 @@ struct F8 {
     table: &'static [f32; 256],
     top: u8,
     overflow: u8,
+    /// Mantissa bits and exponent bias.
+    mbits: u32,
+    bias: i32,
 }
 
 /// e4m3fn has no infinity: past 448 is NaN.
@@ -467,12 +470,16 @@ static F8E4M3: F8 = F8 {
     table: &F8E4M3_TABLE,
     top: 0x7E,
     overflow: 0x7F,
+    mbits: 3,
+    bias: 7,
 };
 /// e5m2: past 57344 is +inf.
 static F8E5M2: F8 = F8 {
     table: &F8E5M2_TABLE,
     top: 0x7B,
     overflow: 0x7C,
+    mbits: 2,
+    bias: 15,
 };
 
 /// float8 e4m3fn: bias 7, no infinities, 0x7F/0xFF are NaN, largest finite 448.
@@ -524,47 +531,36 @@ const fn f8_table(ebits: u32, mbits: u32, bias: i32, fn_variant: bool) -> [f32; 
     t
 }
 
-/// Nearest float8 code to `a`, ties to even, using the decode table's positive half
-/// (codes 0..0x80 increase with value up to the first non-finite one).
+/// Nearest float8 code to `a`, ties to even: `|a|` divided by the spacing of the float8 values
+/// of its binade (a power of two, so exactly), rounded to an integer `n`, is the code's
+/// mantissa with its implicit bit, and the code follows by arithmetic (`n` reaching the next
+/// binade carries into the exponent, as the next code does). No branch depends on the value's
+/// digits: the table search this replaces ran at 0.1 GiB/s.
 fn f8_encode(f: &F8, a: f64) -> u8 {
     if a.is_nan() {
         return 0x7F;
     }
-    let (table, top, overflow) = (f.table, f.top, f.overflow);
     let sign = if a.is_sign_negative() { 0x80u8 } else { 0 };
     let x = a.abs();
-    let max = table[top as usize] as f64;
+    let max = f.table[f.top as usize] as f64;
     if x >= max {
         // Past max the next representable step would be max + ulp(max); halfway rounds up.
-        let ulp = max - table[top as usize - 1] as f64;
+        let ulp = max - f.table[f.top as usize - 1] as f64;
+        let top = f.top;
         return if x < max + ulp / 2.0 || (x == max + ulp / 2.0 && top % 2 == 0) {
             sign | top
         } else {
-            sign | overflow
+            sign | f.overflow
         };
     }
-    // Binary search for the first code whose value is >= x.
-    let (mut lo, mut hi) = (0u8, top);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if (table[mid as usize] as f64) < x {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    let up = lo;
-    if up == 0 || table[up as usize] as f64 == x {
-        return sign | up;
-    }
-    let down = up - 1;
-    let (dv, uv) = (table[down as usize] as f64, table[up as usize] as f64);
-    let code = if x - dv < uv - x || (x - dv == uv - x && down % 2 == 0) {
-        down
-    } else {
-        up
-    };
-    sign | code
+    // The binade of x (f64 subnormals and zero fall below the float8 normals), clamped to the
+    // float8 subnormals' spacing.
+    let e = ((x.to_bits() >> 52) as i32 - 1023).max(1 - f.bias);
+    let quantum = f64::from_bits(((e - f.mbits as i32 + 1023) as u64) << 52);
+    let n = (x / quantum).round_ties_even() as u32;
+    // Normal: (e + bias) · 2^m + n − 2^m; subnormal (e = 1 − bias): n.
+    let code = ((e + f.bias - 1) as u32) * (1 << f.mbits) + n;
+    sign | code as u8
 }
 
 #[cfg(test)]
@@ -608,6 +604,84 @@ mod tests {
             vec![f16::from_f64(0.1).to_f64()]
         );
         assert_eq!(round_trip(DType::F32, &[0.1]), vec![0.1f32 as f64]);
+    }
+
+    /// The encoding by search of the decode table's positive half, as it was
+    /// (codes 0..0x80 increase with value up to the first non-finite one).
+    fn f8_encode_by_table(f: &F8, a: f64) -> u8 {
+        if a.is_nan() {
+            return 0x7F;
+        }
+        let (table, top, overflow) = (f.table, f.top, f.overflow);
+        let sign = if a.is_sign_negative() { 0x80u8 } else { 0 };
+        let x = a.abs();
+        let max = table[top as usize] as f64;
+        if x >= max {
+            // Past max the next representable step would be max + ulp(max); halfway rounds up.
+            let ulp = max - table[top as usize - 1] as f64;
+            return if x < max + ulp / 2.0 || (x == max + ulp / 2.0 && top % 2 == 0) {
+                sign | top
+            } else {
+                sign | overflow
+            };
+        }
+        // Binary search for the first code whose value is >= x.
+        let (mut lo, mut hi) = (0u8, top);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if (table[mid as usize] as f64) < x {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let up = lo;
+        if up == 0 || table[up as usize] as f64 == x {
+            return sign | up;
+        }
+        let down = up - 1;
+        let (dv, uv) = (table[down as usize] as f64, table[up as usize] as f64);
+        let code = if x - dv < uv - x || (x - dv == uv - x && down % 2 == 0) {
+            down
+        } else {
+            up
+        };
+        sign | code
+    }
+
+    #[test]
+    fn f8_encoding_by_arithmetic_is_the_table_search() {
+        for f in [&F8E4M3, &F8E5M2] {
+            let mut probes = vec![0.0, -0.0, f64::INFINITY, f64::MIN_POSITIVE / 4.0, 1e-300];
+            for c in 0..0x80usize {
+                let v = f.table[c] as f64;
+                if !v.is_finite() {
+                    continue;
+                }
+                probes.push(v);
+                let next = f.table[c + 1] as f64;
+                if next.is_finite() {
+                    // The midpoint (a tie) and values on either side of it.
+                    let mid = (v + next) / 2.0;
+                    probes.extend([mid, mid.next_up(), mid.next_down(), v.next_up()]);
+                }
+            }
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            for _ in 0..200_000 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Magnitudes from 2^-30 to 2^20, any mantissa.
+                let e = (state % 51) as i32 - 30;
+                let m = 1.0 + (state >> 11) as f64 / (1u64 << 53) as f64;
+                probes.push(m * 2f64.powi(e));
+            }
+            for p in probes {
+                for v in [p, -p] {
+                    assert_eq!(f8_encode(f, v), f8_encode_by_table(f, v), "{v:e}");
+                }
+            }
+        }
     }
 
     #[test]
