@@ -255,12 +255,16 @@ impl AtomicFile {
         self.file()
             .write_all_at(bytes, off)
             .map_err(|e| Error::io(&self.target, e))?;
-        let n = bytes.len() as u64;
+        self.wrote(bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Counts `n` bytes written, and every [`WRITEBACK_BYTES`] starts the write-back.
+    fn wrote(&self, n: u64) {
         let before = self.written.fetch_add(n, Ordering::Relaxed);
         if (before + n) / WRITEBACK_BYTES != before / WRITEBACK_BYTES {
             start_writeback(self.file());
         }
-        Ok(())
     }
 
     /// Writes `bufs` back to back from `off` of the temporary file: [`AtomicFile::write_at`]
@@ -281,7 +285,13 @@ impl AtomicFile {
                 .map(std::io::IoSlice::new)
                 .collect();
             let mut n = match rustix::io::pwritev(self.file(), &slices, off) {
-                Ok(0) => return Err(io(std::io::ErrorKind::WriteZero.into())),
+                Ok(0) => {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        "failed to write whole buffer",
+                    );
+                    return Err(io(e));
+                }
                 Ok(n) => n,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(io(e.into())),
@@ -302,10 +312,7 @@ impl AtomicFile {
                 (first, done) = (first + 1, 0);
             }
         }
-        let before = self.written.fetch_add(total, Ordering::Relaxed);
-        if (before + total) / WRITEBACK_BYTES != before / WRITEBACK_BYTES {
-            start_writeback(self.file());
-        }
+        self.wrote(total);
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 //! It answers `None` for anything it does not handle exactly as JSON and the serde path do
 //! (escapes, unknown fields, floats, anything wrong), and the serde path, which finds and
 //! explains every error, parses the header again. So it only has to be right about what it
-//! accepts: the fuzz target `safetensors_header` checks that it agrees with the serde path
+//! accepts: the fuzz target `safetensors_json` checks that it agrees with the serde path
 //! whenever it answers.
 
 use std::collections::BTreeMap;

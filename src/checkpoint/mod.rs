@@ -57,6 +57,8 @@ pub struct DataFile {
     pub len: u64,
     /// Modification time when the header was read.
     modified: Option<std::time::SystemTime>,
+    /// A temporary file of the reader's (gathered views), not a file of the checkpoint's.
+    pub scratch: bool,
 }
 
 impl DataFile {
@@ -68,6 +70,7 @@ impl DataFile {
             file,
             len: meta.len(),
             modified: meta.modified().ok(),
+            scratch: false,
         })
     }
 
@@ -79,6 +82,7 @@ impl DataFile {
             file,
             len: 0,
             modified: None,
+            scratch: true,
         }
     }
 
@@ -239,11 +243,7 @@ impl Checkpoint {
     /// file, a PyTorch zip checkpoint, or a sharded checkpoint (a directory holding an index,
     /// or the index file itself).
     pub fn open(path: &Path) -> Result<Checkpoint> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if meta.is_dir() || sharded::is_index_name(path) {
-            return sharded::open(path);
-        }
-        Checkpoint::open_file(path)
+        Checkpoint::open_with(path, true)
     }
 
     /// Opens a checkpoint as [`Checkpoint::open`] does, for what its header says only: the
@@ -251,11 +251,17 @@ impl Checkpoint {
     /// are left as they are, so this reads nothing but the header whatever the checkpoint.
     /// Reading a tensor of it is an error.
     pub fn open_header(path: &Path) -> Result<Checkpoint> {
+        Checkpoint::open_with(path, false)
+    }
+
+    /// [`Checkpoint::open`]; `gather`: whether to gather the values of non-contiguous views
+    /// (see [`Checkpoint::open_header`]).
+    fn open_with(path: &Path, gather: bool) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() || sharded::is_index_name(path) {
-            return sharded::open(path);
+            return sharded::open(path, gather);
         }
-        Checkpoint::open_file_with(path, false)
+        Checkpoint::open_file_with(path, gather)
     }
 
     /// Opens a single-file checkpoint, its format told by its first bytes.
@@ -265,7 +271,7 @@ impl Checkpoint {
 
     /// [`Checkpoint::open_file`]; `gather`: whether to gather the values of a `.pth`'s
     /// non-contiguous views (see [`Checkpoint::open_header`]).
-    fn open_file_with(path: &Path, gather: bool) -> Result<Checkpoint> {
+    pub(crate) fn open_file_with(path: &Path, gather: bool) -> Result<Checkpoint> {
         let mut magic = [0u8; 512];
         let (file, _) = open_regular(path)?;
         let n = read_up_to(&file, 0, &mut magic).map_err(|e| Error::io(path, e))?;
@@ -351,6 +357,15 @@ impl Checkpoint {
     /// The index in [`Checkpoint::tensors`] of the tensor called `name`.
     pub fn position(&self, name: &str) -> Option<usize> {
         self.index.find(&self.tensors, name)
+    }
+
+    /// [`Checkpoint::position`], looking first at `hint`: the checkpoints of a series usually
+    /// list the same tensors in the same order, and a name compared costs less than one hashed.
+    pub fn position_near(&self, name: &str, hint: usize) -> Option<usize> {
+        match self.tensors.get(hint) {
+            Some(t) if t.name == name => Some(hint),
+            _ => self.position(name),
+        }
     }
 
     /// Reads `buf.len()` bytes of tensor `t` starting `off` bytes into its data.

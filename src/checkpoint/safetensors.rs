@@ -69,11 +69,10 @@ pub fn validate_bytes(path: &Path, bytes: &[u8]) -> Result<Header> {
         buf[..n].copy_from_slice(&src[..n]);
         Ok(n)
     })?;
-    if let Err(dup) = super::NameIndex::new(&header.0) {
-        let name = &header.0[dup].name;
-        return Err(Error::tensor(path, name, "appears twice in the header"));
+    match duplicate_error(path, &header.0) {
+        Some(e) => Err(e),
+        None => Ok(header),
     }
-    Ok(header)
 }
 
 /// The checks of the safetensors crate's `validate()`, with positioned reads of a file of
@@ -132,28 +131,36 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
         Some(parsed) => parsed,
         None => parse_serde(path, text)?,
     };
-    let data_start = 8 + json.len() as u64;
+    // The fast path reserves for the most tensors the header could hold.
+    tensors.shrink_to_fit();
+    // A name given twice explains a layout that does not add up better than the layout does.
+    locate(path, &mut tensors, 8 + json.len() as u64, file_len)
+        .map_err(|e| duplicate_error(path, &tensors).unwrap_or(e))?;
+    Ok((tensors, metadata.unwrap_or_default()))
+}
+
+/// The error for the first tensor of `tensors` whose name an earlier one has, if any.
+fn duplicate_error(path: &Path, tensors: &[TensorInfo]) -> Option<Error> {
+    let dup = super::NameIndex::new(tensors).err()?;
+    Some(Error::tensor(
+        path,
+        &tensors[dup].name,
+        "appears twice in the header",
+    ))
+}
+
+/// Checks that `tensors` (offsets relative to the data) cover the data of a file of
+/// `file_len` bytes, starting at `data_start`, exactly, and makes their offsets absolute; sorts
+/// them in data order.
+fn locate(path: &Path, tensors: &mut [TensorInfo], data_start: u64, file_len: u64) -> Result<()> {
     let data_len = file_len
         .checked_sub(data_start)
-        .ok_or_else(|| bad("truncated: the file is shorter than its header".into()))?;
-
+        .ok_or_else(|| Error::format(path, "truncated: the file is shorter than its header"))?;
     // Stable: zero-size tensors at one offset stay in file order.
     tensors.sort_by_key(|t| (t.offset, t.len));
     let mut expect = 0u64;
-    let duplicate = |tensors: &[TensorInfo]| {
-        // A name given twice explains a layout that does not add up better than the layout.
-        super::NameIndex::new(tensors)
-            .err()
-            .map(|dup| Error::tensor(path, &tensors[dup].name, "appears twice in the header"))
-    };
-    for i in 0..tensors.len() {
-        let t = &tensors[i];
+    for t in tensors.iter_mut() {
         let (begin, end) = (t.offset, t.offset + t.len);
-        if begin != expect || end > data_len {
-            if let Some(e) = duplicate(&tensors) {
-                return Err(e);
-            }
-        }
         if begin != expect {
             let what = if begin < expect {
                 "overlaps the previous tensor"
@@ -177,19 +184,23 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Header> {
             ));
         }
         expect = end;
-        tensors[i].offset = data_start + begin;
+        t.offset = data_start + begin;
     }
     if expect != data_len {
-        return Err(bad(format!(
-            "{} bytes after the last tensor are not described by the header",
-            data_len - expect
-        )));
+        return Err(Error::format(
+            path,
+            format!(
+                "{} bytes after the last tensor are not described by the header",
+                data_len - expect
+            ),
+        ));
     }
-    Ok((tensors, metadata.unwrap_or_default()))
+    Ok(())
 }
+
 /// The serde path of the header parser: any JSON, every error found and explained. Headers
 /// in the form writers produce take the fast path, [`header_fast::parse`], which gives the
-/// same answer (the fuzz target `safetensors_header` compares them).
+/// same answer (the fuzz target `safetensors_json` compares them).
 #[doc(hidden)]
 pub fn parse_serde(path: &Path, text: &str) -> Result<header_fast::Parsed> {
     let bad = |what: String| Error::format(path, what);
@@ -265,7 +276,9 @@ impl<'de> Visitor<'de> for HeaderVisitor<'_> {
                 if metadata.is_some() {
                     return Err(fail(
                         failures,
-                        Failure::Header("corrupt header: `__metadata__` appears twice".into()),
+                        Failure::Header(
+                            "corrupt header: `__metadata__` appears twice in the header".into(),
+                        ),
                     ));
                 }
                 let m = m.next_value_seed(MetadataSeed(failures)).inspect_err(|_| {
@@ -608,6 +621,19 @@ mod tests {
         assert_eq!(tensors.len(), 2);
         assert_eq!(tensors[0].shape, vec![2, 3]);
         assert_eq!(meta["step"], "3");
+    }
+
+    #[test]
+    fn a_name_given_twice_is_told_before_the_layout_it_spoils() {
+        let h = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#;
+        // Contiguous, then 3 bytes too many, or 1 too few: either way the name is the news.
+        for data in [7usize, 3] {
+            let mut f = (h.len() as u64).to_le_bytes().to_vec();
+            f.extend_from_slice(h.as_bytes());
+            f.extend(std::iter::repeat_n(0u8, data));
+            let e = validate_bytes(Path::new("x"), &f).unwrap_err().to_string();
+            assert!(e.contains("tensor `a`: appears twice in the header"), "{e}");
+        }
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub fn find_index(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Opens the sharded checkpoint at `path` (a directory or an index file).
-pub fn open(path: &Path) -> Result<Checkpoint> {
+pub fn open(path: &Path, gather: bool) -> Result<Checkpoint> {
     let index_path = if path.is_dir() {
         find_index(path)?
     } else {
@@ -122,9 +122,11 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     let mut tensors = Vec::new();
     let mut metadata = BTreeMap::new();
     let mut skipped = Vec::new();
+    let mut header_only = false;
     for (file, names) in &shards {
         let shard_path = dir.join(file);
-        let c = Checkpoint::open_file(&shard_path)?;
+        let c = Checkpoint::open_file_with(&shard_path, gather)?;
+        header_only |= c.header_only;
         for n in names {
             if c.get(n).is_none() {
                 return Err(Error::tensor(
@@ -181,6 +183,7 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
         metadata,
         skipped,
     )?;
+    ckpt.header_only = header_only;
     if ckpt.step.is_none() {
         // `checkpoint-1000/model.safetensors.index.json`: the directory carries the step.
         if let Some(s) = step_from_file_name(&dir) {

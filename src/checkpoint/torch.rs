@@ -343,12 +343,16 @@ impl Archive {
 /// into a temporary file (without, they are not to be read: see `Checkpoint::open_header`).
 pub fn open(path: &Path, gather_views: bool) -> Result<Checkpoint> {
     let df = DataFile::open(path)?;
-    let archive = Archive::read(&Source::File(&df.file, df.len), path)?;
+    let mut archive = Archive::read(&Source::File(&df.file, df.len), path)?;
     let mut spill: Option<DataFile> = None;
+    let mut ungathered = false;
     let mut tensors = Vec::with_capacity(archive.tensors.len());
     for t in &archive.tensors {
         let len = t.nbytes();
-        let (file, offset) = if t.is_contiguous() || !gather_views {
+        let (file, offset) = if t.is_contiguous() {
+            (0, archive.data_offset(t))
+        } else if !gather_views {
+            ungathered = true;
             (0, archive.data_offset(t))
         } else {
             let bytes = gather(&df, &archive, t, path)?;
@@ -385,10 +389,10 @@ pub fn open(path: &Path, gather_views: bool) -> Result<Checkpoint> {
         Format::Torch,
         files,
         tensors,
-        archive.metadata.clone(),
-        archive.skipped.clone(),
+        std::mem::take(&mut archive.metadata),
+        std::mem::take(&mut archive.skipped),
     )?;
-    ckpt.header_only = !gather_views && archive.tensors.iter().any(|t| !t.is_contiguous());
+    ckpt.header_only = ungathered;
     ckpt.archive = Some(Box::new(archive));
     Ok(ckpt)
 }

@@ -38,6 +38,13 @@ impl Plan {
             .map(|p| Checkpoint::open(p))
             .collect::<Vec<_>>()
             .into_iter()
+            .map(|c| {
+                // A `.pth`'s parsed archive serves inspect and swap, not the fold.
+                c.map(|mut c| {
+                    c.archive = None;
+                    c
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         let paths: Vec<&Path> = opened.iter().map(|c| c.path.as_path()).collect();
         let steps: Vec<Option<u64>> = opened.iter().map(|c| c.step).collect();
@@ -108,15 +115,6 @@ impl Plan {
     }
 }
 
-/// The position of `name` in `c`, looked at first at `hint` (the checkpoints of a series
-/// usually list the same tensors in the same order).
-fn find(c: &Checkpoint, name: &str, hint: usize) -> Option<usize> {
-    match c.tensors.get(hint) {
-        Some(t) if t.name == name => Some(hint),
-        _ => c.position(name),
-    }
-}
-
 /// Checks every input holds the same tensors with the same shapes, and makes one job per
 /// selected tensor of the last input, in its order.
 fn match_tensors(
@@ -133,7 +131,7 @@ fn match_tensors(
             .tensors
             .iter()
             .enumerate()
-            .find(|(i, t)| is_selected(&t.name) && find(last, &t.name, *i).is_none())
+            .find(|(i, t)| is_selected(&t.name) && last.position_near(&t.name, *i).is_none())
             .map(|(_, t)| t)
         {
             return Err(Error::missing(&last.path, &c.path, &t.name));
@@ -152,7 +150,7 @@ fn match_tensors(
         let mut sources = Vec::new();
         let mut ws = Vec::new();
         for (ci, c) in ckpts.iter().enumerate() {
-            let Some(pos) = find(c, &t.name, ti) else {
+            let Some(pos) = c.position_near(&t.name, ti) else {
                 return Err(Error::missing(&c.path, &last.path, &t.name));
             };
             let o = &c.tensors[pos];

@@ -95,7 +95,7 @@ pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
         "tensors": c.tensors.len(),
         "parameters": parameters,
         "bytes": c.total_bytes(),
-        "file_bytes": c.files.iter().map(|f| f.len).sum::<u64>(),
+        "file_bytes": c.files.iter().filter(|f| !f.scratch).map(|f| f.len).sum::<u64>(),
         "dtypes": dtypes,
         "metadata": c.metadata,
         "step": c.step,
