@@ -31,6 +31,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Whether the command writes an output file (and so has a temporary file to remove if
+    /// it is interrupted).
+    pub fn writes_output(&self) -> bool {
+        match &self.command {
+            Command::Ema(_) | Command::Swa(_) | Command::Swap(_) => true,
+            Command::Inspect(_) | Command::Completions { .. } => false,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Fold a series of checkpoints into an exponential moving average.

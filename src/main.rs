@@ -22,8 +22,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    if let Err(e) = ema_tool::output::remove_temporaries_on_signals() {
-        eprintln!("ema-tool: warning: cannot handle SIGINT/SIGTERM ({e}); an interrupted run may leave a .ema-tool-*.tmp file");
+    if cli.writes_output() {
+        if let Err(e) = ema_tool::output::remove_temporaries_on_signals() {
+            eprintln!("ema-tool: warning: cannot handle SIGINT/SIGTERM ({e}); an interrupted run may leave a .ema-tool-*.tmp file");
+        }
     }
     match ema_tool::run(&cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_one_line_error, big_inputs, code, entries, stderr, temporaries, Rng};
+use common::{
+    assert_one_line_error, big_inputs, code, entries, stderr, temporaries, with_file_size_limit,
+    Rng,
+};
 
 /// Three inputs of 8 × 2 MiB f32 tensors, the output of a fold of them (`new`), and a
 /// different earlier output (`prev`) that the target holds before each faulty run.
@@ -186,23 +189,6 @@ fn sigterm_and_sigint_remove_the_temporary_file() {
         s.reset();
     }
     assert!(interrupted > 0, "no run was interrupted while writing");
-}
-
-/// Runs `cmd` with RLIMIT_FSIZE at `limit` bytes.
-fn with_file_size_limit(cmd: &mut Command, limit: u64) {
-    // SAFETY: setrlimit is async-signal-safe, fit for the child between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 #[test]

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -124,20 +123,7 @@ fn torture() {
 
         let mut cmd = command(&target, "0.3");
         if fault == "file-size-limit" {
-            let limit = rng.below(new.len() as u64);
-            // SAFETY: setrlimit is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let r = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: limit,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            common::with_file_size_limit(&mut cmd, rng.below(new.len() as u64));
         }
         let delay = Duration::from_micros(rng.below((secs * 1.2e6) as u64 + 1));
         let mut child = cmd.spawn().unwrap();

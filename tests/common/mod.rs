@@ -338,3 +338,21 @@ pub fn big_inputs(dir: &Path, n: usize, tensors: usize, numel: usize) -> Vec<Pat
         })
         .collect()
 }
+
+/// Makes `cmd` run with RLIMIT_FSIZE at `limit` bytes.
+pub fn with_file_size_limit(cmd: &mut Command, limit: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe, fit for the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
