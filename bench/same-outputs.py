@@ -60,7 +60,7 @@ class Compare:
         self.calls = 0
         self.diffs = []
 
-    def call(self, label, args, outputs=(), env=None):
+    def call(self, label, args, outputs=(), env=None, per_binary=None):
         """Runs `args` with each binary; `{out}` in an argument is replaced by that binary's
         output directory. Compares status, stdout, stderr and every file in the output
         directory; each of `outputs` must have been written by at least one of them when both succeed."""
@@ -72,6 +72,9 @@ class Compare:
             out.mkdir(parents=True)
             full = [str(b)] + [a.replace("{out}", str(out)) for a in args]
             e = dict(os.environ, **(env or {}))
+            if per_binary:
+                e.update(per_binary[i][0])
+                full += per_binary[i][1]
             p = subprocess.run(full, capture_output=True, env=e, cwd=ROOT)
             dirs = [(out, "<out>")]
             files = {x.name: x.read_bytes() for x in out.iterdir() if x.is_file()}
@@ -122,8 +125,12 @@ def fold_cases(cmp):
                                                "--check-finite"], ["o.safetensors"])
             cmp.call(f"{name}.cuda", base + ["-o", "{out}/o.safetensors", "--device", "cuda"],
                      ["o.safetensors"])
+            # Every input read with pread: asked for by EMA_TOOL_MAPPED_INPUTS before the
+            # architecture work, by --mapped-inputs after.
             cmp.call(f"{name}.pread", base + ["-o", "{out}/o.safetensors", "-q"],
-                     ["o.safetensors"], env={"EMA_TOOL_MAPPED_INPUTS": "0"})
+                     ["o.safetensors"],
+                     per_binary=[({"EMA_TOOL_MAPPED_INPUTS": "0"}, []),
+                                 ({}, ["--mapped-inputs", "0"])])
 
 
 def swap_cases(cmp):

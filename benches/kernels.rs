@@ -5,8 +5,9 @@
 //! inputs of different dtypes and for `--dtype`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ema_tool::dtype::DType;
-use ema_tool::fold::kernels::{encode, fold_into};
+use ema_tool::codec::convert::encode;
+use ema_tool::codec::DType;
+use ema_tool::fold::kernels::fold_into;
 
 const INPUTS: usize = 8;
 /// Bytes of all inputs together, as in one work item of the CPU executor.
@@ -47,7 +48,16 @@ fn fold(c: &mut Criterion) {
         let mut out = vec![0u8; n * dtype.size()];
         group.throughput(Throughput::Bytes((INPUTS * n * dtype.size()) as u64));
         group.bench_function(BenchmarkId::new("8 inputs", dtype), |b| {
-            b.iter(|| fold_into(&dtypes, &weights, &inputs, dtype, &mut out, |_| {}))
+            b.iter(|| {
+                fold_into(
+                    &dtypes,
+                    &weights,
+                    &inputs,
+                    dtype,
+                    &mut [&mut out],
+                    |_, _| {},
+                )
+            })
         });
     }
     // Inputs of four dtypes, into bf16.
@@ -67,7 +77,16 @@ fn fold(c: &mut Criterion) {
     let mut out = vec![0u8; n * 2];
     group.throughput(Throughput::Bytes(data.iter().map(|d| d.len() as u64).sum()));
     group.bench_function("8 inputs/mixed", |b| {
-        b.iter(|| fold_into(&dtypes, &weights, &inputs, DType::BF16, &mut out, |_| {}))
+        b.iter(|| {
+            fold_into(
+                &dtypes,
+                &weights,
+                &inputs,
+                DType::BF16,
+                &mut [&mut out],
+                |_, _| {},
+            )
+        })
     });
     group.finish();
 }

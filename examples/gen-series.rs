@@ -14,8 +14,9 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
-use ema_tool::checkpoint::safetensors::{encode_header, OutTensor};
-use ema_tool::dtype::DType;
+use ema_tool::codec::safetensors::encode_header;
+use ema_tool::codec::DType;
+use ema_tool::codec::TensorSpec;
 
 struct Opts {
     dir: PathBuf,
@@ -92,7 +93,7 @@ fn main() -> std::io::Result<()> {
     let mut tensors = Vec::new();
     for (g, &(n, elems)) in o.mix.iter().enumerate() {
         for i in 0..n {
-            tensors.push(OutTensor {
+            tensors.push(TensorSpec {
                 name: format!("model.group{g}.layer{i}.weight"),
                 dtype: o.dtype,
                 shape: vec![elems],

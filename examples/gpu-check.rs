@@ -26,10 +26,11 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use ema_tool::checkpoint::safetensors::{encode_header, OutTensor};
-use ema_tool::checkpoint::Checkpoint;
-use ema_tool::dtype::DType;
-use ema_tool::fold::kernels;
+use ema_tool::checkpoint::{Checkpoint, Open};
+use ema_tool::codec::convert;
+use ema_tool::codec::safetensors::encode_header;
+use ema_tool::codec::DType;
+use ema_tool::codec::TensorSpec;
 use rayon::prelude::*;
 
 fn usage() -> ExitCode {
@@ -99,19 +100,19 @@ fn gen(args: &[String]) -> Result<bool> {
         }
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut specs: Vec<OutTensor> = (0..tensors)
-        .map(|t| OutTensor {
+    let mut specs: Vec<TensorSpec> = (0..tensors)
+        .map(|t| TensorSpec {
             name: format!("layers.{t}.weight"),
             dtype,
             shape: vec![elems],
         })
         .collect();
-    specs.extend((0..small).map(|t| OutTensor {
+    specs.extend((0..small).map(|t| TensorSpec {
         name: format!("layers.{t}.norm.bias"),
         dtype,
         shape: vec![256],
     }));
-    specs.push(OutTensor {
+    specs.push(TensorSpec {
         name: "num_batches_tracked".into(),
         dtype: DType::I64,
         shape: vec![1],
@@ -134,7 +135,7 @@ fn gen(args: &[String]) -> Result<bool> {
             vals.clear();
             vals.extend((0..n).map(|i| value(k, t, i)));
             bytes.resize(n * dtype.size(), 0);
-            kernels::encode(dtype, &vals, &mut bytes);
+            convert::encode(dtype, &vals, &mut bytes);
             w.write_all(&bytes).map_err(io)?;
         }
         w.flush().map_err(io)
@@ -208,10 +209,10 @@ fn ordinal(bits: u64, width: usize) -> i64 {
 }
 
 fn compare(a: &Path, b: &Path) -> Result<Report> {
-    let open = |p: &Path| Checkpoint::open(p).map_err(|e| e.to_string());
+    let open = |p: &Path| Checkpoint::open(p, Open::Readable).map_err(|e| e.to_string());
     let (ca, cb) = (open(a)?, open(b)?);
     let mut r = Report::default();
-    for ta in &ca.tensors {
+    for ta in ca.tensors() {
         let Some(tb) = cb.get(&ta.name) else {
             r.problems
                 .push(format!("{}: missing from {}", ta.name, b.display()));
@@ -234,8 +235,8 @@ fn compare(a: &Path, b: &Path) -> Result<Report> {
         let size = ta.dtype.size();
         let n = ta.numel() as usize;
         let (mut va, mut vb) = (vec![0.0; n], vec![0.0; n]);
-        kernels::decode(ta.dtype, &ba, &mut va);
-        kernels::decode(ta.dtype, &bb, &mut vb);
+        convert::decode(ta.dtype, &ba, &mut va);
+        convert::decode(ta.dtype, &bb, &mut vb);
         r.tensors += 1;
         r.elements += n as u64;
         for i in 0..n {
@@ -262,7 +263,7 @@ fn compare(a: &Path, b: &Path) -> Result<Report> {
             }
         }
     }
-    for tb in &cb.tensors {
+    for tb in cb.tensors() {
         if ca.get(&tb.name).is_none() {
             r.problems
                 .push(format!("{}: not in {}", tb.name, a.display()));

@@ -2,35 +2,10 @@
 
 use std::path::PathBuf;
 
+use crate::text::printable;
+
 /// Result with ema-tool's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Longest piece of file content (a tensor name, a dtype) quoted in a message.
-pub const MAX_QUOTED: usize = 200;
-
-/// `s` as it may be quoted in a one-line message: control characters escaped (a hostile name
-/// cannot break the line or forge another), cut to [`MAX_QUOTED`] characters.
-pub fn printable(s: &str) -> String {
-    one_line(s, MAX_QUOTED)
-}
-
-/// A whole message made safe for one line of a terminal: control characters escaped, and cut
-/// to `max` characters.
-pub fn one_line(s: &str, max: usize) -> String {
-    let mut out = String::with_capacity(s.len().min(max));
-    for (i, c) in s.chars().enumerate() {
-        if i == max {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// Everything that can go wrong, with the context a user needs to act on it.
 ///

@@ -1,4 +1,4 @@
-//! EMA/raw weight pairs inside a checkpoint (SPEC §4): detecting the layout, pairing the
+//! EMA/raw weight pairs inside a checkpoint (`docs/layouts.md`): detecting the layout, pairing the
 //! tensors of the model side with those of the shadow side, and which side holds the EMA.
 
 use std::collections::HashMap;
@@ -98,7 +98,7 @@ impl Pairing {
 
 /// The EMA side recorded by `ema-tool swap` in the `ema_tool` metadata, if any.
 pub fn recorded_side(ckpt: &Checkpoint) -> Option<Side> {
-    let v: serde_json::Value = serde_json::from_str(ckpt.metadata.get("ema_tool")?).ok()?;
+    let v: serde_json::Value = serde_json::from_str(ckpt.metadata().get("ema_tool")?).ok()?;
     match v.get("ema_on")?.as_str()? {
         "model" => Some(Side::Model),
         "shadow" => Some(Side::Shadow),
@@ -118,7 +118,7 @@ pub fn mmcv_buffer_name(n: &str) -> String {
 pub fn detect(ckpt: &Checkpoint) -> Option<Pairing> {
     [Layout::Mmengine, Layout::Timm, Layout::Mmcv]
         .into_iter()
-        .filter(|&l| ckpt.tensors.iter().any(|t| may_be_shadow(l, &t.name)))
+        .filter(|&l| ckpt.tensors().iter().any(|t| may_be_shadow(l, &t.name)))
         .filter_map(|l| pair(ckpt, l).ok())
         .find(|p| !p.pairs.is_empty())
 }
@@ -138,7 +138,7 @@ fn may_be_shadow(layout: Layout, name: &str) -> bool {
 
 /// Pairs the tensors of `ckpt` in `layout`. Pairs must agree in shape and dtype.
 pub fn pair(ckpt: &Checkpoint, layout: Layout) -> Result<Pairing> {
-    let names: Vec<&str> = ckpt.tensors.iter().map(|t| t.name.as_str()).collect();
+    let names: Vec<&str> = ckpt.tensors().iter().map(|t| t.name.as_str()).collect();
     let mut pairs = Vec::new();
     let mut model_tensors = Vec::new();
     let model_prefix = match layout {
@@ -192,7 +192,7 @@ pub fn pair(ckpt: &Checkpoint, layout: Layout) -> Result<Pairing> {
                         .starts_with("ema_")
                     {
                         return Err(Error::tensor(
-                            &ckpt.path,
+                            ckpt.path(),
                             *n,
                             format!(
                                 "mangles to the same mmcv EMA buffer name as `{}`",
@@ -227,10 +227,10 @@ pub fn pair(ckpt: &Checkpoint, layout: Layout) -> Result<Pairing> {
         }
     }
     for p in &pairs {
-        let (m, s) = (&ckpt.tensors[p.model], &ckpt.tensors[p.shadow]);
+        let (m, s) = (&ckpt.tensors()[p.model], &ckpt.tensors()[p.shadow]);
         if m.shape != s.shape || m.dtype != s.dtype {
             return Err(Error::tensor(
-                &ckpt.path,
+                ckpt.path(),
                 &m.name,
                 format!(
                     "is {} {:?} but its EMA pair `{}` is {} {:?}",

@@ -453,7 +453,7 @@ fn well_formed_edge_cases_give_what_the_table_says() {
 
 #[test]
 fn zero_size_and_scalar_tensors_fold_correctly() {
-    use ema_tool::checkpoint::Checkpoint;
+    use ema_tool::checkpoint::{Checkpoint, Open};
     let dir = data_dir();
     let out = tempfile::tempdir().unwrap();
     let target = out.path().join("z.safetensors");
@@ -467,7 +467,7 @@ fn zero_size_and_scalar_tensors_fold_correctly() {
         target.as_os_str(),
     ]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let c = Checkpoint::open(&target).unwrap();
+    let c = Checkpoint::open(&target, Open::Readable).unwrap();
     let empty = c.get("empty").unwrap();
     assert_eq!((empty.shape.clone(), empty.len), (vec![0, 3], 0));
     let scalar = c.get("scalar").unwrap();

@@ -351,8 +351,11 @@ fn an_unwritable_output_directory_is_reported_before_any_input_is_read() {
 
 #[test]
 fn an_input_that_shrinks_or_changes_in_use_is_an_error() {
-    use ema_tool::checkpoint::Checkpoint;
-    use ema_tool::fold::{execute, Checks, Device, Job, Progress, Sink, Src};
+    use ema_tool::checkpoint::{Checkpoint, Open};
+    use ema_tool::codec::DType;
+    use ema_tool::fold::{execute, Device, Options, Progress, Sink};
+    use ema_tool::plan::{Make, Order, Output, Plan, Src, Tensor};
+    use ema_tool::runtime::Runtime;
 
     struct Null;
     impl Sink for Null {
@@ -362,39 +365,56 @@ fn an_input_that_shrinks_or_changes_in_use_is_an_error() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = big_inputs(dir.path(), 1, 2, 1024).remove(0);
-    let jobs = [Job::Copy {
-        source: Src { ckpt: 0, tensor: 1 },
-        out_dtype: ema_tool::dtype::DType::F32,
-    }];
-    let fold = |c: &[Checkpoint]| {
+    let plan_of = |c: Checkpoint| Plan {
+        tensors: vec![Tensor {
+            name: c.tensors()[1].name.clone(),
+            dtype: DType::F32,
+            shape: c.tensors()[1].shape.clone(),
+            make: Make::Copy {
+                source: Src {
+                    input: 0,
+                    tensor: 1,
+                },
+            },
+        }],
+        inputs: vec![c],
+        order: Order::Given,
+        outputs: vec![Output {
+            target: "unused".into(),
+            params: Vec::new(),
+            weights: Vec::new(),
+        }],
+    };
+    let fold = |p: &Plan| {
         execute(
-            c,
-            &jobs,
-            &Null,
+            p,
+            &[&Null],
             Device::Cpu,
-            Checks::default(),
+            Options::default(),
             &Progress::new(None),
+            &Runtime::new(),
         )
     };
 
     // Shrinks after the header was read: refused before folding.
-    let c = [Checkpoint::open(&path).unwrap()];
-    let len = c[0].files[0].len;
+    let p = plan_of(Checkpoint::open(&path, Open::Readable).unwrap());
+    let len = p.inputs[0].files()[0].len();
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len - 100).unwrap();
-    let e = fold(&c).unwrap_err().to_string();
+    let e = fold(&p).unwrap_err().to_string();
     assert!(e.contains("file changed size while in use"), "{e}");
     // Read anyway (as a fold that began before the truncation would): an error, no SIGBUS.
-    let t = &c[0].tensors[1];
+    let c = &p.inputs[0];
+    let t = &c.tensors()[1];
     let mut buf = vec![0u8; t.len as usize];
-    let e = c[0].read_at(t, 0, &mut buf).unwrap_err().to_string();
+    let e = c.read_at(t, 0, &mut buf).unwrap_err().to_string();
     assert!(e.contains("file is shorter than its header says"), "{e}");
 
     // Same size, rewritten: refused too.
     f.set_len(len).unwrap();
-    let c = [Checkpoint::open(&path).unwrap()];
+    let p = plan_of(Checkpoint::open(&path, Open::Readable).unwrap());
     f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
         .unwrap();
-    let e = fold(&c).unwrap_err().to_string();
+    let e = fold(&p).unwrap_err().to_string();
     assert!(e.contains("modified while in use"), "{e}");
 }

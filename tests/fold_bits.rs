@@ -10,10 +10,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use ema_tool::checkpoint::safetensors::{encode_header, OutTensor};
-use ema_tool::checkpoint::Checkpoint;
-use ema_tool::dtype::DType;
-use ema_tool::fold::{cpu, Checks, Job, Progress, Sink, Src};
+use ema_tool::checkpoint::{Checkpoint, Open};
+use ema_tool::codec::safetensors::encode_header;
+use ema_tool::codec::{DType, TensorSpec};
+use ema_tool::fold::{self, Device, Progress, Sink};
+use ema_tool::plan::{Make, Order, Output, Plan, Src, Tensor};
+use ema_tool::runtime::Runtime;
 use half::{bf16, f16};
 
 /// Sizes around the kernel's 16-element groups and 512-element blocks, and the executor's
@@ -104,9 +106,9 @@ fn write_series(dir: &Path, count: usize, dtypes: &[DType], seed: u64) -> Vec<Ch
     (0..count)
         .map(|k| {
             let dtype = dtypes[k % dtypes.len()];
-            let tensors: Vec<OutTensor> = SIZES
+            let tensors: Vec<TensorSpec> = SIZES
                 .iter()
-                .map(|&n| OutTensor {
+                .map(|&n| TensorSpec {
                     name: format!("t{n}"),
                     dtype,
                     shape: vec![n],
@@ -131,7 +133,7 @@ fn write_series(dir: &Path, count: usize, dtypes: &[DType], seed: u64) -> Vec<Ch
             }
             let path = dir.join(format!("c{k}.safetensors"));
             std::fs::write(&path, bytes).unwrap();
-            Checkpoint::open(&path).unwrap()
+            Checkpoint::open(&path, Open::Readable).unwrap()
         })
         .collect()
 }
@@ -141,13 +143,13 @@ fn reference(ckpts: &[Checkpoint], ti: usize, weights: &[f64], out: DType) -> Ve
     let datas: Vec<(DType, Vec<u8>)> = ckpts
         .iter()
         .map(|c| {
-            let t = &c.tensors[ti];
+            let t = &c.tensors()[ti];
             let mut buf = vec![0u8; t.len as usize];
             c.read_at(t, 0, &mut buf).unwrap();
             (t.dtype, buf)
         })
         .collect();
-    let n = ckpts[0].tensors[ti].numel() as usize;
+    let n = ckpts[0].tensors()[ti].numel() as usize;
     let mut result = Vec::new();
     for i in 0..n {
         let mut a = 0.0;
@@ -174,61 +176,81 @@ impl Sink for Memory {
     }
 }
 
-/// Folds every tensor of `ckpts` with `weights` into `out`, on `threads` threads, mapping
-/// the first `mapped` inputs.
-fn fold(
-    ckpts: &[Checkpoint],
-    weights: &[f64],
-    out: DType,
-    threads: usize,
-    mapped: usize,
-) -> Vec<Vec<u8>> {
-    let jobs: Vec<Job> = (0..SIZES.len())
-        .map(|ti| Job::Fold {
-            sources: (0..ckpts.len())
-                .map(|c| Src {
-                    ckpt: c,
-                    tensor: ti,
-                })
-                .collect(),
-            weights: weights.to_vec(),
-            out_dtype: out,
+/// The plan of a fold of every tensor of `ckpts` into one output per weight vector of
+/// `weights`, as `out`.
+fn plan(ckpts: Vec<Checkpoint>, weights: &[Vec<f64>], out: DType) -> Plan {
+    let tensors = (0..SIZES.len())
+        .map(|ti| Tensor {
+            name: format!("t{}", SIZES[ti]),
+            dtype: out,
+            shape: vec![SIZES[ti]],
+            make: Make::Fold {
+                sources: (0..ckpts.len())
+                    .map(|input| Src { input, tensor: ti })
+                    .collect(),
+            },
         })
         .collect();
-    let sink = Memory(
-        SIZES
-            .iter()
-            .map(|&n| Mutex::new(vec![0xAA; n * out.size()]))
-            .collect(),
-    );
+    let outputs = weights
+        .iter()
+        .enumerate()
+        .map(|(k, w)| Output {
+            target: format!("out{k}.safetensors").into(),
+            params: Vec::new(),
+            weights: w.clone(),
+        })
+        .collect();
+    Plan {
+        inputs: ckpts,
+        order: Order::Given,
+        outputs,
+        tensors,
+    }
+}
+
+/// Runs `plan` on `threads` threads, mapping the first `mapped` inputs: every output's tensors.
+fn fold(plan: &Plan, out: DType, threads: usize, mapped: usize) -> Vec<Vec<Vec<u8>>> {
+    let sinks: Vec<Memory> = plan
+        .outputs
+        .iter()
+        .map(|_| {
+            Memory(
+                SIZES
+                    .iter()
+                    .map(|&n| Mutex::new(vec![0xAA; n * out.size()]))
+                    .collect(),
+            )
+        })
+        .collect();
+    let refs: Vec<&dyn Sink> = sinks.iter().map(|s| s as &dyn Sink).collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
+    let opts = fold::Options {
+        mapped_inputs: mapped,
+        ..fold::Options::default()
+    };
     pool.install(|| {
-        cpu::execute_with(
-            ckpts,
-            &jobs,
-            &sink,
-            Checks::default(),
+        fold::execute(
+            plan,
+            &refs,
+            Device::Cpu,
+            opts,
             &Progress::default(),
-            mapped,
-            &[],
+            &Runtime::new(),
         )
     })
     .unwrap();
-    sink.0
+    sinks
         .into_iter()
-        .map(|m| m.into_inner().unwrap())
+        .map(|s| s.0.into_iter().map(|m| m.into_inner().unwrap()).collect())
         .collect()
 }
 
-fn check(dtypes: &[DType], count: usize, out: DType, seed: u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let ckpts = write_series(dir.path(), count, dtypes, seed);
-    // EMA-like weights: not round numbers, none zero.
-    let m = 0.37;
-    let weights: Vec<f64> = (0..count)
+/// EMA-like weights over `count` inputs: not round numbers, none zero.
+fn ema_weights(count: usize, m: f64) -> Vec<f64> {
+    (0..count)
         .map(|k| {
             if k == 0 {
                 (1.0f64 - m).powi(count as i32 - 1)
@@ -236,13 +258,20 @@ fn check(dtypes: &[DType], count: usize, out: DType, seed: u64) {
                 m * (1.0f64 - m).powi((count - 1 - k) as i32)
             }
         })
-        .collect();
+        .collect()
+}
+
+fn check(dtypes: &[DType], count: usize, out: DType, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpts = write_series(dir.path(), count, dtypes, seed);
+    let weights = ema_weights(count, 0.37);
     let want: Vec<Vec<u8>> = (0..SIZES.len())
         .map(|ti| reference(&ckpts, ti, &weights, out))
         .collect();
+    let plan = plan(ckpts, std::slice::from_ref(&weights), out);
     for threads in [1, 2, 3, 8] {
         for mapped in [0, count / 2, usize::MAX] {
-            let got = fold(&ckpts, &weights, out, threads, mapped);
+            let got = fold(&plan, out, threads, mapped).remove(0);
             for (ti, (g, w)) in got.iter().zip(&want).enumerate() {
                 if g != w {
                     let size = out.size();
@@ -259,6 +288,33 @@ fn check(dtypes: &[DType], count: usize, out: DType, seed: u64) {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn several_outputs_from_one_read_are_each_the_scalar_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let mixed = [DType::BF16, DType::F32, DType::F16];
+    let ckpts = write_series(dir.path(), 5, &mixed, 12);
+    let sets: Vec<Vec<f64>> = [0.37, 0.01, 0.9]
+        .iter()
+        .map(|&m| ema_weights(5, m))
+        .collect();
+    let want: Vec<Vec<Vec<u8>>> = sets
+        .iter()
+        .map(|w| {
+            (0..SIZES.len())
+                .map(|ti| reference(&ckpts, ti, w, DType::BF16))
+                .collect()
+        })
+        .collect();
+    let plan = plan(ckpts, &sets, DType::BF16);
+    for threads in [1, 3] {
+        assert_eq!(
+            fold(&plan, DType::BF16, threads, 2),
+            want,
+            "{threads} threads"
+        );
     }
 }
 

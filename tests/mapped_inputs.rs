@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use ema_tool::checkpoint::mapped::Mapped;
-use ema_tool::checkpoint::safetensors::{encode_header, OutTensor};
-use ema_tool::checkpoint::Checkpoint;
-use ema_tool::dtype::DType;
+use ema_tool::checkpoint::{Checkpoint, Open};
+use ema_tool::codec::safetensors::encode_header;
+use ema_tool::codec::{DType, TensorSpec};
+use ema_tool::runtime::Runtime;
 
 const CHILD: &str = "EMA_TOOL_TEST_SIGBUS_DIR";
 
@@ -17,7 +18,7 @@ const CHILD: &str = "EMA_TOOL_TEST_SIGBUS_DIR";
 fn child(dir: &str) {
     let dir = std::path::Path::new(dir);
     let n = 1 << 20;
-    let tensors = [OutTensor {
+    let tensors = [TensorSpec {
         name: "w".into(),
         dtype: DType::F32,
         shape: vec![n],
@@ -26,12 +27,14 @@ fn child(dir: &str) {
     bytes.resize(bytes.len() + n * 4, 1);
     let path = dir.join("in.safetensors");
     std::fs::write(&path, &bytes).unwrap();
-    let cleanup = dir.join("out.tmp");
-    std::fs::write(&cleanup, b"partial").unwrap();
-    let ckpts = [Checkpoint::open(&path).unwrap()];
-    let mapped = Mapped::new(&ckpts, 1, std::slice::from_ref(&cleanup)).unwrap();
-    let t = &ckpts[0].tensors[0];
-    let data = mapped.bytes(0, &ckpts[0], t, 0, n * 4).unwrap();
+    // A temporary output of this process, which the guard must remove.
+    let rt = Runtime::new();
+    let out = rt.temporary(dir, ".out-", ".tmp").unwrap();
+    std::fs::write(out.path(), b"partial").unwrap();
+    let ckpts = [Checkpoint::open(&path, Open::Readable).unwrap()];
+    let mapped = Mapped::new(&ckpts, 1, &rt).unwrap();
+    let t = &ckpts[0].tensors()[0];
+    let data = mapped.bytes(0, t.file, t.offset, n * 4).unwrap();
     std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
@@ -66,8 +69,10 @@ fn a_truncated_input_is_an_error_not_a_crash() {
         dir.path().join("in.safetensors").display()
     );
     assert!(stderr.contains(&want), "stderr: {stderr}");
-    assert!(
-        !dir.path().join("out.tmp").exists(),
-        "the temporary output is left"
-    );
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".out-"))
+        .collect();
+    assert!(left.is_empty(), "the temporary output is left: {left:?}");
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ema_tool::checkpoint::Checkpoint;
+use ema_tool::checkpoint::{Checkpoint, Open};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -57,8 +57,8 @@ fn json(args: &[&str]) -> Value {
 
 /// Every tensor of a checkpoint: name → (dtype, shape, bytes).
 fn tensors(path: &str) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
-    let c = Checkpoint::open(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
-    c.tensors
+    let c = Checkpoint::open(Path::new(path), Open::Readable).unwrap_or_else(|e| panic!("{e}"));
+    c.tensors()
         .iter()
         .map(|t| {
             let mut b = vec![0u8; t.len as usize];
@@ -548,8 +548,8 @@ fn malformed_files_fail_with_a_message() {
 #[test]
 fn inspect_reads_the_header_of_views_and_stats_their_values() {
     // Without --stats nothing but the header is read: the views are not gathered.
-    let c = Checkpoint::open_header(Path::new(&fx("views.pth"))).unwrap();
-    assert!(c.files.len() == 1, "no temporary file of gathered views");
+    let c = Checkpoint::open(Path::new(&fx("views.pth")), Open::HeaderOnly).unwrap();
+    assert!(c.files().len() == 1, "no temporary file of gathered views");
     let t = c.get("transposed").unwrap();
     let mut buf = vec![0u8; t.len as usize];
     let e = c.read_at(t, 0, &mut buf).unwrap_err().to_string();
@@ -557,7 +557,8 @@ fn inspect_reads_the_header_of_views_and_stats_their_values() {
     let header = json(&["inspect", "--json", "--tensors", &fx("views.pth")]);
     let tensors = header["files"][0]["tensor_list"].as_array().unwrap();
     let transposed = tensors.iter().find(|t| t["name"] == "transposed").unwrap();
-    let expected = Checkpoint::open(Path::new(&fx("views.expected.safetensors"))).unwrap();
+    let expected =
+        Checkpoint::open(Path::new(&fx("views.expected.safetensors")), Open::Readable).unwrap();
     let e = expected.get("transposed").unwrap();
     assert_eq!(transposed["shape"], serde_json::json!(e.shape));
     assert_eq!(transposed["bytes"], e.len);

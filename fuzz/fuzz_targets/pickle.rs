@@ -7,5 +7,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = ema_tool::checkpoint::torch::flatten_pickle_bytes(data);
+    let _ = ema_tool::fuzzing::flatten_pickle(data);
 });

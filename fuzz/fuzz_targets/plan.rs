@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ema_tool::checkpoint::{find_step, SAFETENSORS_STEP_KEYS};
-use ema_tool::plan::{natural_cmp, order_inputs, Order, Schedule, Strategy};
+use ema_tool::checkpoint::step::{find, SAFETENSORS_STEP_KEYS};
+use ema_tool::plan::order::{natural_cmp, order_inputs, Order};
+use ema_tool::schedule::{Schedule, Strategy};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use clap::ValueEnum;
 use libfuzzer_sys::fuzz_target;
@@ -42,7 +43,7 @@ fuzz_target!(|inp: Input| {
             if let Some(Some(s)) = inp.metadata_steps.get(i) {
                 meta.insert(SAFETENSORS_STEP_KEYS[i % 5].to_string(), s.clone());
             }
-            find_step(&meta, &SAFETENSORS_STEP_KEYS, p).map(|(s, _)| s)
+            find(&meta, &SAFETENSORS_STEP_KEYS, p).map(|(s, _)| s)
         })
         .collect();
 

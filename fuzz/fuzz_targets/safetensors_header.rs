@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use ema_tool::checkpoint::safetensors::{validate_bytes, MAX_DIMS};
-use ema_tool::dtype::nbytes;
+use ema_tool::codec::dtype::nbytes;
+use ema_tool::codec::safetensors::{validate_bytes, MAX_DIMS};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

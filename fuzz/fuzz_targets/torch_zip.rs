@@ -4,7 +4,7 @@
 //! Seeds: every `.pth` fixture (`fuzz/seed.sh`).
 #![no_main]
 
-use ema_tool::checkpoint::zip::{data_range, read_directory, Source};
+use ema_tool::codec::zip::{data_range, read_directory, Source};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,9 +14,5 @@ fuzz_target!(|data: &[u8]| {
             let _ = data_range(&src, &dir, e);
         }
     }
-    if let Ok(a) = ema_tool::checkpoint::torch::parse_archive_bytes(data) {
-        for t in &a.tensors {
-            let _ = (a.data_offset(t), t.nbytes(), t.is_contiguous());
-        }
-    }
+    let _ = ema_tool::fuzzing::torch_archive(data);
 });

@@ -87,7 +87,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__ema)
-            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --gamma --warm-up --total-iter --output --max-shard-size --force --dtype --quiet --json --check-finite --interval --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --help --version"
+            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --gamma --warm-up --total-iter --output --max-shard-size --force --dtype --quiet --json --check-finite --interval --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -170,6 +170,10 @@ _ema__tool() {
                     return 0
                     ;;
                 -j)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mapped-inputs)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -293,7 +297,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__swa)
-            opts="-o -f -q -n -j -h -V --output --max-shard-size --force --dtype --quiet --json --check-finite --interval --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --help --version"
+            opts="-o -f -q -n -j -h -V --output --max-shard-size --force --dtype --quiet --json --check-finite --interval --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -344,6 +348,10 @@ _ema__tool() {
                     return 0
                     ;;
                 -j)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mapped-inputs)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -59,6 +59,7 @@ name\t'Natural sort of the file names (`iter_200` before `iter_1000`)'
 step\t'By step; an input without a step is an error'"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l device -d 'Device that folds: cpu, cuda or cuda:N' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s j -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l mapped-inputs -d 'How many inputs (the first ones) the CPU fold reads through memory maps; the others are read with pread. A mapping costs less CPU on page-cached inputs, each keeps about 4 MiB resident; 0 reads every input with pread' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s f -l force -d 'Replace the output file if it exists'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s q -l quiet -d 'Print no progress bar, summary or warnings'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l json -d 'Print a machine-readable JSON summary on stdout'
@@ -84,6 +85,7 @@ name\t'Natural sort of the file names (`iter_200` before `iter_1000`)'
 step\t'By step; an input without a step is an error'"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l device -d 'Device that folds: cpu, cuda or cuda:N' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s j -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l mapped-inputs -d 'How many inputs (the first ones) the CPU fold reads through memory maps; the others are read with pread. A mapping costs less CPU on page-cached inputs, each keeps about 4 MiB resident; 0 reads every input with pread' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s f -l force -d 'Replace the output file if it exists'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s q -l quiet -d 'Print no progress bar, summary or warnings'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l json -d 'Print a machine-readable JSON summary on stdout'

@@ -1,27 +1,30 @@
 //! Reading checkpoints of every format into one flat namespace of named tensors.
 //!
-//! Opening a checkpoint reads and validates its header only. Every tensor is then a byte range
-//! of one of the checkpoint's files ([`TensorInfo`]), read on demand with positioned reads
-//! ([`Checkpoint::read_at`]: a file that shrinks under us gives an error), or, by the CPU fold,
-//! through a mapping that is released as the fold goes ([`mapped`]: a file that shrinks under
-//! us ends the run with an error too). No format is ever read whole into memory.
+//! [`Checkpoint::open`] reads and validates a checkpoint's header, in one of two ways
+//! ([`Open`]): for its header only (`inspect`), or readable (everything that reads values).
+//! Every tensor is then a byte range of one of the checkpoint's files ([`TensorInfo`]), read on
+//! demand with positioned reads ([`Checkpoint::read_at`]: a file that shrinks under us gives an
+//! error), or, by the CPU fold, through a mapping that is released as the fold goes
+//! ([`mapped`]). No format is ever read whole into memory.
+//!
+//! The formats (`docs/formats.md`): [`safetensors`] files, [`sharded`] checkpoints (an index
+//! and its shards) and PyTorch zip checkpoints ([`torch`]).
 
-pub mod header_fast;
 pub mod mapped;
-pub mod pickle;
 pub mod safetensors;
 pub mod sharded;
+pub mod step;
 pub mod torch;
-pub mod zip;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::hash::{BuildHasher, RandomState};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::dtype::DType;
+pub use crate::codec::TensorInfo;
+use crate::codec::{zip, NameIndex};
 use crate::error::{Error, Result};
+pub use step::StepSource;
 
 /// The on-disk format of a checkpoint.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -29,7 +32,7 @@ use crate::error::{Error, Result};
 pub enum Format {
     /// One `.safetensors` file.
     Safetensors,
-    /// Several safetensors files tied together by an index.
+    /// Several files tied together by an index.
     Sharded,
     /// A PyTorch zip checkpoint written by `torch.save`.
     Torch,
@@ -46,19 +49,28 @@ impl Format {
     }
 }
 
+/// How a checkpoint is opened.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Open {
+    /// For what its header says: nothing but headers is read, whatever the checkpoint (the
+    /// non-contiguous views of a `.pth` are not gathered), and reading a tensor is an error.
+    HeaderOnly,
+    /// Ready to read every tensor.
+    Readable,
+}
+
 /// One file that a checkpoint's tensors live in.
 #[derive(Debug)]
 pub struct DataFile {
-    /// Path as given (or as found through an index).
-    pub path: PathBuf,
-    /// The open file; read with positioned reads only, so it can be shared across threads.
-    pub file: File,
+    path: PathBuf,
+    /// Read with positioned reads only, so it can be shared across threads.
+    file: File,
     /// Size when the header was read; reads past it are refused.
-    pub len: u64,
+    len: u64,
     /// Modification time when the header was read.
     modified: Option<std::time::SystemTime>,
     /// A temporary file of the reader's (gathered views), not a file of the checkpoint's.
-    pub scratch: bool,
+    scratch: bool,
 }
 
 impl DataFile {
@@ -76,7 +88,7 @@ impl DataFile {
 
     /// An anonymous file that a reader fills with copies of tensors (a `.pth`'s non-contiguous
     /// views), reported under `path`; call [`DataFile::seal`] once it is written.
-    pub fn scratch(path: &Path, file: File) -> DataFile {
+    fn scratch(path: &Path, file: File) -> DataFile {
         DataFile {
             path: path.to_path_buf(),
             file,
@@ -87,11 +99,36 @@ impl DataFile {
     }
 
     /// Records the current size and modification time, as [`DataFile::open`] does.
-    pub fn seal(&mut self) -> Result<()> {
+    fn seal(&mut self) -> Result<()> {
         let meta = self.file.metadata().map_err(|e| Error::io(&self.path, e))?;
         self.len = meta.len();
         self.modified = meta.modified().ok();
         Ok(())
+    }
+
+    /// The path as given, or as found through an index.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file, for positioned reads and mappings.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Its size when the header was read.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether it is a scratch file of the reader's rather than a file of the checkpoint.
+    pub fn is_scratch(&self) -> bool {
+        self.scratch
     }
 
     /// Checks that the file still has the size and modification time it had when its header
@@ -113,6 +150,11 @@ impl DataFile {
         }
         Ok(())
     }
+
+    /// The file as a zip [`zip::Source`], for the archive readers and writers.
+    pub fn zip_source(&self) -> zip::Source<'_> {
+        zip::Source::File(&self.file, self.len)
+    }
 }
 
 /// Opens a regular file for reading, without blocking on a FIFO or a device: anything else is
@@ -133,38 +175,6 @@ pub fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
     Ok((file, meta))
 }
 
-/// Where one tensor's bytes are, and what they are.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TensorInfo {
-    /// Name in the flat namespace (`state_dict.backbone.conv1.weight`).
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    /// Index into [`Checkpoint::files`].
-    pub file: usize,
-    /// Absolute byte offset of the first element in that file.
-    pub offset: u64,
-    /// Byte length (`numel × dtype size`), contiguous, little-endian.
-    pub len: u64,
-}
-
-impl TensorInfo {
-    /// Number of elements.
-    pub fn numel(&self) -> u64 {
-        self.len / self.dtype.size() as u64
-    }
-}
-
-/// Where a checkpoint's step came from.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StepSource {
-    /// A metadata key (safetensors `__metadata__` or a plain number in a `.pth`).
-    Metadata(String),
-    /// The last integer in the file name.
-    FileName,
-}
-
 /// A non-tensor entry of a checkpoint that was recognised and left out of the tensor namespace.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Skipped {
@@ -177,176 +187,116 @@ pub struct Skipped {
 /// An opened checkpoint: validated header, tensors as byte ranges, metadata.
 #[derive(Debug)]
 pub struct Checkpoint {
-    /// Path as the user gave it.
-    pub path: PathBuf,
-    pub format: Format,
-    /// The files holding tensor data (one, except for sharded checkpoints).
-    pub files: Vec<DataFile>,
-    /// Tensors in file order.
-    pub tensors: Vec<TensorInfo>,
-    /// String metadata (safetensors `__metadata__`, or plain values of a `.pth`).
-    pub metadata: BTreeMap<String, String>,
-    /// Entries that are neither tensors nor plain metadata (only for `.pth`).
-    pub skipped: Vec<Skipped>,
-    /// Training step, when one was found.
-    pub step: Option<u64>,
-    pub step_source: Option<StepSource>,
-    /// The parsed archive of a `.pth` (its directory, storages and top-level entries).
-    pub archive: Option<Box<torch::Archive>>,
-    /// Opened by [`Checkpoint::open_header`]: the values of a `.pth`'s non-contiguous views
-    /// were not gathered, so its tensors are not to be read.
+    path: PathBuf,
+    format: Format,
+    files: Vec<DataFile>,
+    tensors: Vec<TensorInfo>,
+    metadata: BTreeMap<String, String>,
+    skipped: Vec<Skipped>,
+    step: Option<(u64, StepSource)>,
+    torch: Option<Box<torch::Parts>>,
+    /// Opened with [`Open::HeaderOnly`] and some tensor needs more than the header to read.
     header_only: bool,
     index: NameIndex,
 }
 
-/// The tensors of a checkpoint by name: a hash table of their indices (the names are not
-/// copied), hashed with std's randomly keyed SipHash, since the names come from the file.
-#[derive(Debug)]
-pub struct NameIndex {
-    table: hashbrown::HashTable<usize>,
-    hasher: RandomState,
+/// What a format's reader found, for [`Checkpoint::new`].
+pub(crate) struct Found {
+    pub files: Vec<DataFile>,
+    pub tensors: Vec<TensorInfo>,
+    pub metadata: BTreeMap<String, String>,
+    pub skipped: Vec<Skipped>,
+    /// Metadata keys that hold the step, in order of preference.
+    pub step_keys: &'static [&'static str],
+    /// What a PyTorch archive adds.
+    pub torch: Option<Box<torch::Parts>>,
+    /// Some tensor cannot be read (see [`Open::HeaderOnly`]).
+    pub header_only: bool,
 }
-
-impl NameIndex {
-    /// The index of `tensors`, or the position of the first tensor whose name an earlier one
-    /// has.
-    pub fn new(tensors: &[TensorInfo]) -> std::result::Result<NameIndex, usize> {
-        let hasher = RandomState::new();
-        let mut table = hashbrown::HashTable::with_capacity(tensors.len());
-        let hash = |i: &usize| hasher.hash_one(tensors[*i].name.as_str());
-        for (i, t) in tensors.iter().enumerate() {
-            match table.entry(hash(&i), |&j| tensors[j].name == t.name, hash) {
-                hashbrown::hash_table::Entry::Occupied(_) => return Err(i),
-                hashbrown::hash_table::Entry::Vacant(v) => {
-                    v.insert(i);
-                }
-            }
-        }
-        Ok(NameIndex { table, hasher })
-    }
-
-    /// The position of `name` in `tensors` (those the index was made of).
-    fn find(&self, tensors: &[TensorInfo], name: &str) -> Option<usize> {
-        self.table
-            .find(self.hasher.hash_one(name), |&j| tensors[j].name == name)
-            .copied()
-    }
-}
-
-/// Metadata keys that hold the step, in order of preference (SPEC §2).
-pub const SAFETENSORS_STEP_KEYS: [&str; 5] = ["step", "global_step", "iter", "iteration", "epoch"];
-/// Plain values of a `.pth` that hold the step, in order of preference (SPEC §2).
-pub const TORCH_STEP_KEYS: [&str; 5] = ["meta.iter", "meta.epoch", "global_step", "epoch", "iter"];
 
 impl Checkpoint {
     /// Opens a checkpoint of any supported format and validates its header: a safetensors
     /// file, a PyTorch zip checkpoint, or a sharded checkpoint (a directory holding an index,
     /// or the index file itself).
-    pub fn open(path: &Path) -> Result<Checkpoint> {
-        Checkpoint::open_with(path, true)
-    }
-
-    /// Opens a checkpoint as [`Checkpoint::open`] does, for what its header says only: the
-    /// non-contiguous views of a `.pth`, whose values `open` gathers into a temporary file,
-    /// are left as they are, so this reads nothing but the header whatever the checkpoint.
-    /// Reading a tensor of it is an error.
-    pub fn open_header(path: &Path) -> Result<Checkpoint> {
-        Checkpoint::open_with(path, false)
-    }
-
-    /// [`Checkpoint::open`]; `gather`: whether to gather the values of non-contiguous views
-    /// (see [`Checkpoint::open_header`]).
-    fn open_with(path: &Path, gather: bool) -> Result<Checkpoint> {
+    pub fn open(path: &Path, how: Open) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if meta.is_dir() || sharded::is_index_name(path) {
-            return sharded::open(path, gather);
+        if meta.is_dir() || crate::codec::names::is_index_name(path) {
+            return sharded::open(path, how);
         }
-        Checkpoint::open_file_with(path, gather)
+        let found = open_file(path, how)?;
+        Checkpoint::new(path, format_of(&found), found)
     }
 
-    /// Opens a single-file checkpoint, its format told by its first bytes.
-    pub fn open_file(path: &Path) -> Result<Checkpoint> {
-        Checkpoint::open_file_with(path, true)
-    }
-
-    /// [`Checkpoint::open_file`]; `gather`: whether to gather the values of a `.pth`'s
-    /// non-contiguous views (see [`Checkpoint::open_header`]).
-    pub(crate) fn open_file_with(path: &Path, gather: bool) -> Result<Checkpoint> {
-        let mut magic = [0u8; 512];
-        let (file, _) = open_regular(path)?;
-        let n = read_up_to(&file, 0, &mut magic).map_err(|e| Error::io(path, e))?;
-        drop(file);
-        let magic = &magic[..n];
-        if zip::is_zip(magic) {
-            return torch::open(path, gather);
-        }
-        if let Some(what) = legacy_torch(magic) {
-            return Err(Error::format(
-                path,
-                format!(
-                    "{what} (PyTorch's legacy serialization, torch.save before 1.6 or with \
-                     _use_new_zipfile_serialization=False) is not supported; convert it once, in \
-                     Python, with torch.save(torch.load(\"{p}\", map_location=\"cpu\", \
-                     weights_only=False), \"{p}.zip.pth\") (weights_only=False runs the file's \
-                     pickle: do it only for files you trust)",
-                    p = path.display()
-                ),
-            ));
-        }
-        safetensors::open(path)
-    }
-
-    /// Builds a checkpoint from parts; computes the name index and the step.
+    /// Builds a checkpoint from what a reader found; indexes the names and finds the step.
     ///
     /// Fails on duplicate tensor names.
-    pub fn new(
-        path: PathBuf,
-        format: Format,
-        files: Vec<DataFile>,
-        tensors: Vec<TensorInfo>,
-        metadata: BTreeMap<String, String>,
-        skipped: Vec<Skipped>,
-    ) -> Result<Checkpoint> {
-        let index = NameIndex::new(&tensors).map_err(|dup| {
+    pub(crate) fn new(path: &Path, format: Format, found: Found) -> Result<Checkpoint> {
+        let index = NameIndex::new(&found.tensors).map_err(|dup| {
             let what = match format {
                 Format::Safetensors => "appears twice in the header",
                 _ => "appears twice",
             };
-            Error::tensor(&path, &tensors[dup].name, what)
+            Error::tensor(path, &found.tensors[dup].name, what)
         })?;
-        let keys: &[&str] = match format {
-            Format::Torch => &TORCH_STEP_KEYS,
-            _ => &SAFETENSORS_STEP_KEYS,
-        };
-        let (step, step_source) = match find_step(&metadata, keys, &path) {
-            Some((s, src)) => (Some(s), Some(src)),
-            None => (None, None),
-        };
+        let step = step::find(&found.metadata, found.step_keys, path);
         Ok(Checkpoint {
-            path,
+            path: path.to_path_buf(),
             format,
-            files,
-            tensors,
-            metadata,
-            skipped,
+            files: found.files,
+            tensors: found.tensors,
+            metadata: found.metadata,
+            skipped: found.skipped,
             step,
-            step_source,
-            archive: None,
-            header_only: false,
+            torch: found.torch,
+            header_only: found.header_only,
             index,
         })
     }
 
-    /// An error for a checkpoint opened with [`Checkpoint::open_header`], whose tensors are
-    /// not to be read (a mistake of the caller, reported rather than reading wrong values).
-    pub fn check_readable(&self) -> Result<()> {
-        if self.header_only {
-            return Err(Error::format(
-                &self.path,
-                "opened for its header only: its tensors cannot be read",
-            ));
-        }
-        Ok(())
+    /// The path as the user gave it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The tensors, in file order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// String metadata (safetensors `__metadata__`, or plain values of a `.pth`).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Entries that are neither tensors nor plain metadata (`.pth` only).
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
+    }
+
+    /// The training step, when one was found.
+    pub fn step(&self) -> Option<u64> {
+        self.step.as_ref().map(|s| s.0)
+    }
+
+    /// Where the step came from.
+    pub fn step_source(&self) -> Option<&StepSource> {
+        self.step.as_ref().map(|s| &s.1)
+    }
+
+    /// The files holding tensor data (one, except for sharded checkpoints and the scratch file
+    /// of gathered views).
+    pub fn files(&self) -> &[DataFile] {
+        &self.files
+    }
+
+    /// What a PyTorch archive adds: its top-level entries and storage records.
+    pub fn torch(&self) -> Option<&torch::Parts> {
+        self.torch.as_deref()
     }
 
     /// The tensor called `name`.
@@ -368,22 +318,51 @@ impl Checkpoint {
         }
     }
 
+    /// An error when the checkpoint was opened with [`Open::HeaderOnly`] and holds a tensor
+    /// whose values that did not prepare (a mistake of the caller, reported rather than reading
+    /// wrong values).
+    pub fn check_readable(&self) -> Result<()> {
+        if self.header_only {
+            return Err(Error::format(
+                &self.path,
+                "opened for its header only: its tensors cannot be read",
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads `buf.len()` bytes of tensor `t` starting `off` bytes into its data.
     pub fn read_at(&self, t: &TensorInfo, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_range(&t.name, t.file, t.offset, t.len, off, buf)
+    }
+
+    /// Reads `buf.len()` bytes starting `off` bytes into the range `start .. start + len` of
+    /// data file `file`: a tensor's data (as [`Checkpoint::read_at`]), or raw bytes that a plan
+    /// copies as they are (the storage records of a `.pth` swapped inside its archive), named
+    /// `name` in errors.
+    pub fn read_range(
+        &self,
+        name: &str,
+        file: usize,
+        start: u64,
+        len: u64,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         self.check_readable()?;
         off.checked_add(buf.len() as u64)
-            .filter(|&e| e <= t.len)
-            .ok_or_else(|| Error::tensor(&self.path, &t.name, "read past the end of the tensor"))?;
-        let df = &self.files[t.file];
+            .filter(|&e| e <= len)
+            .ok_or_else(|| Error::tensor(&self.path, name, "read past the end of the tensor"))?;
+        let df = &self.files[file];
         df.file
-            .read_exact_at(buf, t.offset + off)
+            .read_exact_at(buf, start + off)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => Error::tensor(
                     &df.path,
-                    &t.name,
+                    name,
                     "file is shorter than its header says (truncated while in use?)",
                 ),
-                _ => Error::tensor(&df.path, &t.name, e.to_string()),
+                _ => Error::tensor(&df.path, name, e.to_string()),
             })
     }
 
@@ -392,10 +371,54 @@ impl Checkpoint {
         self.tensors.iter().map(|t| t.len).sum()
     }
 
-    /// Checks that no file changed size since the header was read.
+    /// Bytes of the checkpoint's own files (scratch files left out).
+    pub fn file_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .filter(|f| !f.scratch)
+            .map(|f| f.len)
+            .sum()
+    }
+
+    /// Checks that no file changed since the header was read.
     pub fn check_unchanged(&self) -> Result<()> {
         self.files.iter().try_for_each(DataFile::check_unchanged)
     }
+}
+
+/// The format a single-file reader's result is in.
+fn format_of(found: &Found) -> Format {
+    if found.torch.is_some() {
+        Format::Torch
+    } else {
+        Format::Safetensors
+    }
+}
+
+/// Opens a single-file checkpoint, its format told by its first bytes.
+pub(crate) fn open_file(path: &Path, how: Open) -> Result<Found> {
+    let mut magic = [0u8; 512];
+    let (file, _) = open_regular(path)?;
+    let n = read_up_to(&file, 0, &mut magic).map_err(|e| Error::io(path, e))?;
+    drop(file);
+    let magic = &magic[..n];
+    if zip::is_zip(magic) {
+        return torch::open(path, how);
+    }
+    if let Some(what) = legacy_torch(magic) {
+        return Err(Error::format(
+            path,
+            format!(
+                "{what} (PyTorch's legacy serialization, torch.save before 1.6 or with \
+                 _use_new_zipfile_serialization=False) is not supported; convert it once, in \
+                 Python, with torch.save(torch.load(\"{p}\", map_location=\"cpu\", \
+                 weights_only=False), \"{p}.zip.pth\") (weights_only=False runs the file's \
+                 pickle: do it only for files you trust)",
+                p = path.display()
+            ),
+        ));
+    }
+    safetensors::open(path)
 }
 
 /// What a file in PyTorch's legacy (pre-zip) format is, from its first 512 bytes: a tar
@@ -431,90 +454,4 @@ pub(crate) fn read_up_to(file: &File, off: u64, buf: &mut [u8]) -> std::io::Resu
         }
     }
     Ok(n)
-}
-
-/// The step of a checkpoint: the first metadata key of `keys` holding an integer, else the last
-/// integer in the file name.
-pub fn find_step(
-    metadata: &BTreeMap<String, String>,
-    keys: &[&str],
-    path: &Path,
-) -> Option<(u64, StepSource)> {
-    for k in keys {
-        if let Some(v) = metadata.get(*k) {
-            if let Some(s) = parse_step_value(v) {
-                return Some((s, StepSource::Metadata((*k).to_string())));
-            }
-        }
-    }
-    step_from_file_name(path).map(|s| (s, StepSource::FileName))
-}
-
-/// Parses `"1000"`, `"1000.0"` as a step.
-fn parse_step_value(v: &str) -> Option<u64> {
-    let v = v.trim();
-    if let Ok(n) = v.parse::<u64>() {
-        return Some(n);
-    }
-    let f: f64 = v.parse().ok()?;
-    (f >= 0.0 && f.fract() == 0.0 && f < 2f64.powi(63)).then_some(f as u64)
-}
-
-/// The last run of digits in the file name (`iter_1000.safetensors` → 1000,
-/// `checkpoint-4.pth.tar` → 4, `model_0001000.pth` → 1000).
-pub fn step_from_file_name(path: &Path) -> Option<u64> {
-    let name = path.file_name()?.to_str()?;
-    let name = strip_known_extensions(name);
-    let bytes = name.as_bytes();
-    let end = bytes.iter().rposition(|b| b.is_ascii_digit())? + 1;
-    let start = bytes[..end]
-        .iter()
-        .rposition(|b| !b.is_ascii_digit())
-        .map_or(0, |i| i + 1);
-    name[start..end].parse().ok()
-}
-
-/// `epoch_12.pth.tar` → `epoch_12`; keeps names without a known extension as they are.
-pub fn strip_known_extensions(name: &str) -> &str {
-    const EXTS: [&str; 8] = [
-        ".safetensors.index.json",
-        ".bin.index.json",
-        ".safetensors",
-        ".pth.tar",
-        ".pth",
-        ".pt",
-        ".bin",
-        ".ckpt",
-    ];
-    for e in EXTS {
-        if let Some(stem) = name.strip_suffix(e) {
-            return stem;
-        }
-    }
-    name
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn step_from_names() {
-        let s = |n: &str| step_from_file_name(Path::new(n));
-        assert_eq!(s("iter_1000.safetensors"), Some(1000));
-        assert_eq!(s("dir_7/epoch_12.pth"), Some(12));
-        assert_eq!(s("checkpoint-4.pth.tar"), Some(4));
-        assert_eq!(s("model_0001000.pth"), Some(1000));
-        assert_eq!(s("model.safetensors"), None);
-        assert_eq!(s("v2_step300_final.ckpt"), Some(300));
-    }
-
-    #[test]
-    fn step_values() {
-        assert_eq!(parse_step_value("12"), Some(12));
-        assert_eq!(parse_step_value("12.0"), Some(12));
-        assert_eq!(parse_step_value("12.5"), None);
-        assert_eq!(parse_step_value("-3"), None);
-        assert_eq!(parse_step_value("abc"), None);
-    }
 }

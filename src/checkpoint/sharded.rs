@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{step_from_file_name, Checkpoint, Format, StepSource};
+use super::step::{self, SAFETENSORS_STEP_KEYS};
+use super::{open_file, Checkpoint, Format, Found, Open};
 use crate::error::{Error, Result};
 
 /// Index file names looked for first in a directory, as Hugging Face writes them.
@@ -22,13 +23,6 @@ pub const INDEX_NAMES: [&str; 2] = [
 
 /// Largest index file read.
 pub const MAX_INDEX: u64 = 64 << 20;
-
-/// Whether `path` names an index file (`*.index.json`).
-pub fn is_index_name(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.ends_with(".index.json"))
-}
 
 /// The index file of the sharded checkpoint in directory `dir`.
 pub fn find_index(dir: &Path) -> Result<PathBuf> {
@@ -70,13 +64,16 @@ pub fn find_index(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Opens the sharded checkpoint at `path` (a directory or an index file).
-pub fn open(path: &Path, gather: bool) -> Result<Checkpoint> {
+pub(crate) fn open(path: &Path, how: Open) -> Result<Checkpoint> {
     let index_path = if path.is_dir() {
         find_index(path)?
     } else {
         path.to_path_buf()
     };
-    let dir = crate::output::parent_dir(&index_path);
+    let dir = match index_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let bad = |what: String| Error::format(&index_path, what);
     // A regular file only (a FIFO would block), read through the same handle whose size is
     // checked, and never past the cap.
@@ -123,10 +120,18 @@ pub fn open(path: &Path, gather: bool) -> Result<Checkpoint> {
     let mut metadata = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut header_only = false;
-    for (file, names) in &shards {
+    // The step keys of the shards' format: a sharded `.bin` finds its step as the same file
+    // unsharded would.
+    let mut step_keys: &[&str] = &SAFETENSORS_STEP_KEYS;
+    for (k, (file, names)) in shards.iter().enumerate() {
         let shard_path = dir.join(file);
-        let c = Checkpoint::open_file_with(&shard_path, gather)?;
-        header_only |= c.header_only;
+        let found = open_file(&shard_path, how)?;
+        header_only |= found.header_only;
+        if k == 0 {
+            step_keys = found.step_keys;
+        }
+        // Each shard is a checkpoint of its own: a name given twice is its error.
+        let c = Checkpoint::new(&shard_path, super::format_of(&found), found)?;
         for n in names {
             if c.get(n).is_none() {
                 return Err(Error::tensor(
@@ -155,6 +160,8 @@ pub fn open(path: &Path, gather: bool) -> Result<Checkpoint> {
         files.extend(c.files);
         tensors.extend(c.tensors.into_iter().map(|mut t| {
             t.file += base;
+            // The views name the storages of a shard's archive, which is not kept.
+            t.view = None;
             t
         }));
         for (k, v) in c.metadata {
@@ -176,20 +183,21 @@ pub fn open(path: &Path, gather: bool) -> Result<Checkpoint> {
         }
     }
     let mut ckpt = Checkpoint::new(
-        path.to_path_buf(),
+        path,
         Format::Sharded,
-        files,
-        tensors,
-        metadata,
-        skipped,
+        Found {
+            files,
+            tensors,
+            metadata,
+            skipped,
+            step_keys,
+            torch: None,
+            header_only,
+        },
     )?;
-    ckpt.header_only = header_only;
     if ckpt.step.is_none() {
         // `checkpoint-1000/model.safetensors.index.json`: the directory carries the step.
-        if let Some(s) = step_from_file_name(&dir) {
-            ckpt.step = Some(s);
-            ckpt.step_source = Some(StepSource::FileName);
-        }
+        ckpt.step = step::from_file_name(&dir).map(|s| (s, step::StepSource::FileName));
     }
     Ok(ckpt)
 }

@@ -2,16 +2,17 @@
 
 use serde_json::json;
 
-use super::{average, warn};
+use super::{fold, warn};
 use crate::cli::EmaArgs;
 use crate::error::Result;
-use crate::plan::{Schedule, Strategy};
+use crate::runtime::Runtime;
+use crate::schedule::{Schedule, Strategy};
 
 /// mmengine's default momentum.
 pub const DEFAULT_MOMENTUM: f64 = 0.0002;
 
 /// Runs `ema`.
-pub fn run(args: &EmaArgs) -> Result<()> {
+pub fn run(args: &EmaArgs, rt: &Runtime) -> Result<()> {
     let momentum = match (args.momentum, args.decay) {
         (Some(m), _) => m,
         (None, Some(d)) => 1.0 - d,
@@ -49,5 +50,5 @@ pub fn run(args: &EmaArgs) -> Result<()> {
         Strategy::ExpMomentum => params["total_iter"] = json!(args.total_iter),
         _ => {}
     }
-    average::run(&args.fold, &schedule, "ema", params)
+    fold::run(&args.fold, &schedule, "ema", params, rt)
 }

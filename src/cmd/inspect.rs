@@ -6,12 +6,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{human_bytes, print_json};
-use crate::checkpoint::{Checkpoint, Format, TensorInfo};
+use super::print_json;
+use crate::checkpoint::{Checkpoint, Format, Open, TensorInfo};
 use crate::cli::InspectArgs;
+use crate::codec::convert::decode;
 use crate::error::Result;
-use crate::fold::kernels::decode;
 use crate::layout;
+use crate::text::human_bytes;
 
 /// Value statistics of one tensor.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
@@ -76,59 +77,59 @@ pub fn tensor_stats(c: &Checkpoint, t: &TensorInfo) -> Result<Stats> {
 /// The description of one checkpoint, as JSON (the `files[]` entries of `--json`).
 pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
-    for t in &c.tensors {
+    for t in c.tensors() {
         *dtypes.entry(t.dtype.to_string()).or_default() += 1;
     }
-    let parameters: u64 = c.tensors.iter().map(TensorInfo::numel).sum();
+    let parameters: u64 = c.tensors().iter().map(TensorInfo::numel).sum();
     let layout = layout::detect(c).map(|p| {
         json!({
             "name": p.layout,
             "pairs": p.pairs.len(),
             "ema_on": p.ema_side(c, None),
             "model_prefix": p.model_prefix,
-            "pair_names": p.pairs.iter().map(|x| json!([c.tensors[x.model].name, c.tensors[x.shadow].name])).collect::<Vec<_>>(),
+            "pair_names": p.pairs.iter().map(|x| json!([c.tensors()[x.model].name, c.tensors()[x.shadow].name])).collect::<Vec<_>>(),
         })
     });
     let mut v = json!({
-        "path": c.path,
-        "format": c.format,
-        "tensors": c.tensors.len(),
+        "path": c.path(),
+        "format": c.format(),
+        "tensors": c.tensors().len(),
         "parameters": parameters,
         "bytes": c.total_bytes(),
-        "file_bytes": c.files.iter().filter(|f| !f.scratch).map(|f| f.len).sum::<u64>(),
+        "file_bytes": c.file_bytes(),
         "dtypes": dtypes,
-        "metadata": c.metadata,
-        "step": c.step,
-        "step_source": c.step_source,
+        "metadata": c.metadata(),
+        "step": c.step(),
+        "step_source": c.step_source(),
         "layout": layout,
-        "skipped": c.skipped,
+        "skipped": c.skipped(),
     });
-    if c.format == Format::Torch {
+    if c.format() == Format::Torch {
         // The top-level entries of the pickle: which hold tensors, values, skipped objects.
-        v["tree"] = json!(c.archive.as_ref().map(|a| &a.top));
+        v["tree"] = json!(c.torch().map(|t| &t.top));
     }
-    if c.format == Format::Sharded {
+    if c.format() == Format::Sharded {
         let mut shards: Vec<&std::path::Path> = Vec::new();
-        for f in &c.files {
-            if !shards.contains(&f.path.as_path()) {
-                shards.push(&f.path);
+        for f in c.files() {
+            if !shards.contains(&f.path()) {
+                shards.push(f.path());
             }
         }
         v["shards"] = json!(shards);
     }
     if tensors || stats {
         let stats_list: Vec<Option<Stats>> = if stats {
-            c.tensors
+            c.tensors()
                 .par_iter()
                 .map(|t| tensor_stats(c, t).map(Some))
                 .collect::<Result<Vec<_>>>()
                 // Statistics of a file rewritten while we read it would be of neither version.
                 .and_then(|s| c.check_unchanged().map(|()| s))?
         } else {
-            vec![None; c.tensors.len()]
+            vec![None; c.tensors().len()]
         };
         v["tensor_list"] = c
-            .tensors
+            .tensors()
             .iter()
             .zip(stats_list)
             .map(|(t, s)| {
@@ -153,11 +154,12 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     let mut files = Vec::new();
     for p in &args.inputs {
         // Statistics read every value; otherwise the header is all there is to read.
-        let c = if args.stats {
-            Checkpoint::open(p)?
+        let how = if args.stats {
+            Open::Readable
         } else {
-            Checkpoint::open_header(p)?
+            Open::HeaderOnly
         };
+        let c = Checkpoint::open(p, how)?;
         let d = describe(&c, args.tensors, args.stats)?;
         if !args.json {
             print_human(&d);

@@ -1,7 +1,7 @@
 //! The subcommands, one module each, and what they share: progress, summaries, provenance.
 
-pub mod average;
 pub mod ema;
+pub mod fold;
 pub mod inspect;
 pub mod swa;
 pub mod swap;
@@ -70,60 +70,13 @@ pub fn provenance(base: &BTreeMap<String, String>, record: Value) -> BTreeMap<St
     m
 }
 
-/// `*` matches any run of characters (dots included), `?` one character; everything else
-/// matches itself.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    let (mut pi, mut ni) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ni;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ni = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
-/// Whether `name` is selected by `--include`/`--exclude`.
-pub fn selected(name: &str, include: &[String], exclude: &[String]) -> bool {
-    (include.is_empty() || include.iter().any(|g| glob_match(g, name)))
-        && !exclude.iter().any(|g| glob_match(g, name))
-}
-
-/// Human-readable byte count (`1.2 GB`).
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// The default output path: `<input stem>.<suffix>.safetensors` beside the input.
 pub fn default_output(input: &Path, suffix: &str) -> std::path::PathBuf {
     let name = input
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "checkpoint".into());
-    let stem = crate::checkpoint::strip_known_extensions(&name);
+    let stem = crate::codec::names::strip_known_extensions(&name);
     input.with_file_name(format!("{stem}.{suffix}.safetensors"))
 }
 
@@ -138,27 +91,6 @@ pub fn print_json(value: &Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("*.running_mean", "backbone.bn1.running_mean"));
-        assert!(!glob_match("*.running_mean", "backbone.bn1.running_var"));
-        assert!(glob_match("conv*", "conv1.weight"));
-        assert!(glob_match("a?c", "abc"));
-        assert!(!glob_match("a?c", "abbc"));
-        assert!(glob_match("*", ""));
-        assert!(glob_match("*a*b*", "xxaxxbxx"));
-    }
-
-    #[test]
-    fn selection() {
-        let inc = vec!["state_dict.*".to_string()];
-        let exc = vec!["*.num_batches_tracked".to_string()];
-        assert!(selected("state_dict.w", &inc, &exc));
-        assert!(!selected("ema_state_dict.w", &inc, &exc));
-        assert!(!selected("state_dict.bn.num_batches_tracked", &inc, &exc));
-        assert!(selected("anything", &[], &[]));
-    }
 
     #[test]
     fn default_outputs() {

@@ -2,13 +2,14 @@
 
 use serde_json::json;
 
-use super::average;
+use super::fold;
 use crate::cli::SwaArgs;
 use crate::error::Result;
-use crate::plan::{Schedule, Strategy};
+use crate::runtime::Runtime;
+use crate::schedule::{Schedule, Strategy};
 
 /// Runs `swa`.
-pub fn run(args: &SwaArgs) -> Result<()> {
+pub fn run(args: &SwaArgs, rt: &Runtime) -> Result<()> {
     let schedule = Schedule {
         strategy: Strategy::Swa,
         momentum: 0.0,
@@ -22,5 +23,5 @@ pub fn run(args: &SwaArgs) -> Result<()> {
         "reference": Strategy::Swa.reference_name(),
         "interval": args.fold.interval,
     });
-    average::run(&args.fold, &schedule, "swa", params)
+    fold::run(&args.fold, &schedule, "swa", params, rt)
 }

@@ -15,16 +15,16 @@
 //! Each element's value is `((w_0·x_0) + w_1·x_1) + …` in f64, inputs in fold order, rounded
 //! once to the output dtype: the chunking and the number of threads never change a result.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::kernels::{count_non_finite, count_overflow, decode, fold_into, BLOCK};
-use super::{non_finite_error, Checks, Job, Progress, Sink, Src};
+use super::kernels::{fold_into, BLOCK};
+use super::{non_finite_error, Job, Kind, Options, Piece, Progress, Work};
 use crate::checkpoint::mapped::Mapped;
-use crate::checkpoint::Checkpoint;
-use crate::dtype::DType;
+use crate::codec::convert::{count_non_finite, count_overflow, decode};
+use crate::codec::DType;
 use crate::error::{Error, Result};
+use crate::runtime::Runtime;
 
 /// Input bytes per work item, all inputs together: small enough that the output range stays
 /// in L2 and that both cores get work on small models, large enough that the per-item costs
@@ -36,12 +36,11 @@ const MIN_CHUNK: u64 = 4 * 1024;
 const MAX_CHUNK: u64 = 64 * 1024;
 /// Input bytes folded between two releases of the folded ranges.
 const RELEASE_BYTES: u64 = 8 << 20;
-/// How many inputs (the first ones) are read through a mapping; the others are read with
-/// `pread`. A fault maps the whole page-cache folio around the address, up to 2 MiB, and a
+/// How many inputs (the first ones) are read through a mapping by default; the others are read
+/// with `pread`. A fault maps the whole page-cache folio around the address, up to 2 MiB, and a
 /// folio can only be released once it is folded through, so each mapped input keeps about
 /// 4 MiB resident (measured: 68 MiB for 16 inputs); `pread` keeps nothing, at 1.75 times the
-/// CPU time. Set by `EMA_TOOL_MAPPED_INPUTS` (benchmarks and tests: 0 reads every input with
-/// `pread`).
+/// CPU time. `--mapped-inputs` sets it (0 reads every input with `pread`).
 pub const MAPPED_INPUTS: usize = 24;
 
 /// A range of elements of one job.
@@ -52,18 +51,6 @@ struct Item {
     len: usize,
 }
 
-fn dtype_of(ckpts: &[Checkpoint], s: Src) -> DType {
-    ckpts[s.ckpt].tensors[s.tensor].dtype
-}
-
-/// The inputs a job reads: every source of a fold, the one source of a copy.
-fn job_sources(job: &Job) -> &[Src] {
-    match job {
-        Job::Fold { sources, .. } => sources,
-        Job::Copy { source, .. } => std::slice::from_ref(source),
-    }
-}
-
 /// Elements per item of a job whose inputs take `bytes_per_elem` bytes per element together.
 fn chunk_len(bytes_per_elem: u64) -> u64 {
     let n = (ITEM_BYTES / bytes_per_elem.max(1)).clamp(MIN_CHUNK, MAX_CHUNK);
@@ -71,15 +58,11 @@ fn chunk_len(bytes_per_elem: u64) -> u64 {
 }
 
 /// Splits every job into items, in job order.
-fn items(ckpts: &[Checkpoint], jobs: &[Job]) -> Vec<Item> {
+fn items(jobs: &[Job]) -> Vec<Item> {
     let mut items = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
-        let sources = job_sources(job);
-        let bytes_per_elem = sources
-            .iter()
-            .map(|s| dtype_of(ckpts, *s).size() as u64)
-            .sum();
-        let n = ckpts[sources[0].ckpt].tensors[sources[0].tensor].numel();
+        let bytes_per_elem = job.sources().iter().map(|p| p.dtype.size() as u64).sum();
+        let n = job.numel();
         let chunk = chunk_len(bytes_per_elem);
         let mut start = 0;
         while start < n {
@@ -95,61 +78,34 @@ fn items(ckpts: &[Checkpoint], jobs: &[Job]) -> Vec<Item> {
     items
 }
 
-/// Runs all jobs on the CPU, on every thread of the current rayon pool: [`execute_with`] with
-/// the first [`MAPPED_INPUTS`] inputs mapped (or `EMA_TOOL_MAPPED_INPUTS`, for benchmarks), and
-/// this process's temporary outputs to remove if a mapped input is truncated.
-pub fn execute(
-    ckpts: &[Checkpoint],
-    jobs: &[Job],
-    sink: &dyn Sink,
-    checks: Checks,
-    progress: &Progress,
-) -> Result<()> {
-    let mapped = std::env::var("EMA_TOOL_MAPPED_INPUTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(MAPPED_INPUTS);
-    let cleanup = crate::output::temporaries();
-    execute_with(ckpts, jobs, sink, checks, progress, mapped, &cleanup)
-}
-
-/// Runs all jobs on the CPU, on every thread of the current rayon pool, reading the first
-/// `mapped_inputs` checkpoints through a mapping and the others with `pread`. The files in
-/// `cleanup` are removed if an input is truncated while mapped (the process then exits; see
-/// `checkpoint::mapped`).
+/// Makes the tensors of `jobs` (jobs of `work`) on the CPU, on every thread of the current
+/// rayon pool, reading the first `opts.mapped_inputs` inputs through a mapping (guarded by
+/// `rt`) and the others with `pread`.
 ///
 /// On failure, returns the error of the first failing item in job order (items are taken in
 /// order, so every item before it was run).
-pub fn execute_with(
-    ckpts: &[Checkpoint],
+pub fn execute(
+    work: &Work,
     jobs: &[Job],
-    sink: &dyn Sink,
-    checks: Checks,
+    opts: Options,
     progress: &Progress,
-    mapped_inputs: usize,
-    cleanup: &[PathBuf],
+    rt: &Runtime,
 ) -> Result<()> {
-    let items = items(ckpts, jobs);
-    let mapped = Mapped::new(ckpts, mapped_inputs, cleanup)?;
-    let release = Release::new(
-        items
-            .iter()
-            .map(|it| input_bytes(ckpts, &jobs[it.job], *it)),
-    );
-    let writes = Writes::new(sink);
+    let items = items(jobs);
+    let mapped = Mapped::new(work.inputs, opts.mapped_inputs, rt)?;
+    let release = Release::new(items.iter().map(|it| input_bytes(&jobs[it.job], *it)));
+    let writes = Writes::new(work);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let results = rayon::broadcast(|_| {
         let mut scratch = Scratch::default();
         let ctx = Ctx {
-            ckpts,
+            work,
             mapped: &mapped,
-            sink,
             writes: &writes,
-            checks,
+            opts,
         };
-        let advance =
-            || release.advance(|from, to| release_items(ckpts, jobs, &items[from..to], &mapped));
+        let advance = || release.advance(|from, to| release_items(jobs, &items[from..to], &mapped));
         let mut failure = None;
         while !failed.load(Ordering::Relaxed) {
             let i = next.fetch_add(1, Ordering::Relaxed);
@@ -168,7 +124,7 @@ pub fn execute_with(
                 failed.store(true, Ordering::Relaxed);
                 break;
             }
-            progress.add(input_bytes(ckpts, job, *item));
+            progress.add(input_bytes(job, *item));
             // Done before its output is written: its input may be released, and the other
             // worker may run ahead, while this one writes.
             release.done(i);
@@ -195,6 +151,7 @@ const MAX_PENDING: usize = 4 * WRITE_BATCH;
 /// An encoded range waiting to be written.
 struct Pending {
     item: usize,
+    output: usize,
     tensor: usize,
     off: u64,
     buf: Vec<u8>,
@@ -214,7 +171,7 @@ struct Queue {
 /// worker finds no one writing writes the whole queue, as few system calls as the output's
 /// layout allows. A long queue makes the next worker write it, so memory stays bounded.
 struct Writes<'a> {
-    sink: &'a dyn Sink,
+    work: &'a Work<'a>,
     queue: Mutex<Queue>,
     /// Held while writing; the first failed write, with its item.
     writer: Mutex<Option<(usize, Error)>>,
@@ -228,9 +185,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl<'a> Writes<'a> {
-    fn new(sink: &'a dyn Sink) -> Writes<'a> {
+    fn new(work: &'a Work<'a>) -> Writes<'a> {
         Writes {
-            sink,
+            work,
             queue: Mutex::new(Queue::default()),
             writer: Mutex::new(None),
             pool: Mutex::new(Vec::new()),
@@ -269,16 +226,18 @@ impl<'a> Writes<'a> {
                 return;
             }
             if error.is_none() {
-                batch.sort_unstable_by_key(|p| (p.tensor, p.off));
-                let writes: Vec<(usize, u64, &[u8])> = batch
-                    .iter()
-                    .map(|p| (p.tensor, p.off, &p.buf[..]))
-                    .collect();
-                if let Err(e) = self.sink.write_batch(&writes) {
-                    // Which of the batch failed is not known: blame its first item.
-                    let item = batch.iter().map(|p| p.item).min().unwrap_or(0);
-                    *error = Some((item, e));
-                    self.failed.store(true, Ordering::Relaxed);
+                batch.sort_unstable_by_key(|p| (p.output, p.tensor, p.off));
+                // Each output's run of the batch, to its sink.
+                for run in batch.chunk_by(|a, b| a.output == b.output) {
+                    let writes: Vec<(usize, u64, &[u8])> =
+                        run.iter().map(|p| (p.tensor, p.off, &p.buf[..])).collect();
+                    if let Err(e) = self.work.sinks[run[0].output].write_batch(&writes) {
+                        // Which of the batch failed is not known: blame its first item.
+                        let item = batch.iter().map(|p| p.item).min().unwrap_or(0);
+                        *error = Some((item, e));
+                        self.failed.store(true, Ordering::Relaxed);
+                        break;
+                    }
                 }
             }
             lock(&self.pool).extend(batch.into_iter().map(|p| p.buf));
@@ -304,10 +263,10 @@ impl<'a> Writes<'a> {
 }
 
 /// Bytes of input that `item` of `job` reads.
-fn input_bytes(ckpts: &[Checkpoint], job: &Job, item: Item) -> u64 {
-    job_sources(job)
+fn input_bytes(job: &Job, item: Item) -> u64 {
+    job.sources()
         .iter()
-        .map(|s| (item.len * dtype_of(ckpts, *s).size()) as u64)
+        .map(|p| (item.len * p.dtype.size()) as u64)
         .sum()
 }
 
@@ -384,7 +343,7 @@ const FOLIO: u64 = 2 << 20;
 /// Releases the input ranges of `items`, joined where they touch in a file, and cut down to
 /// whole folios. The folio cut off at the end of a range was partly folded: the next batch
 /// starts from it.
-fn release_items(ckpts: &[Checkpoint], jobs: &[Job], items: &[Item], mapped: &Mapped) {
+fn release_items(jobs: &[Job], items: &[Item], mapped: &Mapped) {
     // Open runs: (checkpoint, file, start, end).
     let mut runs: Vec<(usize, usize, u64, u64)> = Vec::new();
     let flush = |r: &(usize, usize, u64, u64)| {
@@ -392,21 +351,20 @@ fn release_items(ckpts: &[Checkpoint], jobs: &[Job], items: &[Item], mapped: &Ma
         mapped.release(r.0, r.1, start, end);
     };
     for item in items {
-        for s in job_sources(&jobs[item.job]) {
-            if !mapped.covers(s.ckpt) {
+        for p in jobs[item.job].sources() {
+            if !mapped.covers(p.input) {
                 continue;
             }
-            let t = &ckpts[s.ckpt].tensors[s.tensor];
-            let size = t.dtype.size() as u64;
-            let start = t.offset + item.start * size;
+            let size = p.dtype.size() as u64;
+            let start = p.offset + item.start * size;
             let end = start + item.len as u64 * size;
-            match runs.iter_mut().find(|r| r.0 == s.ckpt && r.1 == t.file) {
+            match runs.iter_mut().find(|r| r.0 == p.input && r.1 == p.file) {
                 Some(r) if r.3 == start => r.3 = end,
                 Some(r) => {
                     flush(r);
                     (r.2, r.3) = (start, end);
                 }
-                None => runs.push((s.ckpt, t.file, start, end)),
+                None => runs.push((p.input, p.file, start, end)),
             }
         }
     }
@@ -415,12 +373,11 @@ fn release_items(ckpts: &[Checkpoint], jobs: &[Job], items: &[Item], mapped: &Ma
 
 /// What every item needs.
 struct Ctx<'a> {
-    ckpts: &'a [Checkpoint],
+    work: &'a Work<'a>,
     /// The inputs that are mapped.
     mapped: &'a Mapped,
-    sink: &'a dyn Sink,
     writes: &'a Writes<'a>,
-    checks: Checks,
+    opts: Options,
 }
 
 /// Per-worker scratch space, reused across items.
@@ -428,8 +385,8 @@ struct Ctx<'a> {
 struct Scratch {
     /// The item's range of every input that is not mapped, back to back.
     raw: Vec<u8>,
-    /// The encoded item.
-    out: Vec<u8>,
+    /// The encoded item, one buffer per output.
+    outs: Vec<Vec<u8>>,
     /// The dtype of every input of the item.
     dtypes: Vec<DType>,
 }
@@ -438,33 +395,40 @@ impl Ctx<'_> {
     /// The range of `item` of every source: a slice of the mapping, or read into `raw`.
     fn inputs<'a>(
         &'a self,
-        sources: &[Src],
+        sources: &[Piece],
         item: Item,
         raw: &'a mut Vec<u8>,
     ) -> Result<Vec<&'a [u8]>> {
-        let range = |s: &Src| {
-            let c = &self.ckpts[s.ckpt];
-            let t = &c.tensors[s.tensor];
-            let size = t.dtype.size();
-            (c, t, item.start * size as u64, item.len * size)
+        let range = |p: &Piece| {
+            let size = p.dtype.size();
+            (item.start * size as u64, item.len * size)
         };
-        let read = |s: &&Src| !self.mapped.covers(s.ckpt);
-        let total = sources.iter().filter(read).map(|s| range(s).3).sum();
+        let read = |p: &&Piece| !self.mapped.covers(p.input);
+        let total = sources.iter().filter(read).map(|p| range(p).1).sum();
         raw.resize(total, 0);
         let mut rest = &mut raw[..];
-        for s in sources.iter().filter(read) {
-            let (c, t, off, len) = range(s);
+        for p in sources.iter().filter(read) {
+            let (off, len) = range(p);
             let (buf, tail) = rest.split_at_mut(len);
-            c.read_at(t, off, buf)?;
+            p.read(self.work.inputs, off, buf)?;
             rest = tail;
         }
         let mut rest = &raw[..];
         sources
             .iter()
-            .map(|s| {
-                let (c, t, off, len) = range(s);
-                if self.mapped.covers(s.ckpt) {
-                    return self.mapped.bytes(s.ckpt, c, t, off, len);
+            .map(|p| {
+                let (off, len) = range(p);
+                if self.mapped.covers(p.input) {
+                    return self
+                        .mapped
+                        .bytes(p.input, p.file, p.offset + off, len)
+                        .ok_or_else(|| {
+                            Error::tensor(
+                                self.work.inputs[p.input].files()[p.file].path(),
+                                p.name,
+                                "file is shorter than its header says (truncated while in use?)",
+                            )
+                        });
                 }
                 let (buf, tail) = rest.split_at(len);
                 rest = tail;
@@ -472,42 +436,54 @@ impl Ctx<'_> {
             })
             .collect()
     }
+
+    /// Writes `bytes` at `off` of the job's tensor in every output, now.
+    fn write_everywhere(&self, job: &Job, off: u64, bytes: &[u8]) -> Result<()> {
+        self.work
+            .sinks
+            .iter()
+            .try_for_each(|s| s.write(job.tensor, off, bytes))
+    }
 }
 
 fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratch) -> Result<()> {
-    let ckpts = ctx.ckpts;
-    let (sources, weights, out_dtype): (&[Src], &[f64], DType) = match job {
-        Job::Fold {
-            sources,
-            weights,
-            out_dtype,
-        } => (sources, weights, *out_dtype),
-        Job::Copy { source, out_dtype } => {
-            let dtype = dtype_of(ckpts, *source);
-            if dtype == *out_dtype && !(ctx.checks.finite && dtype.is_float()) {
+    let outputs = ctx.work.outputs();
+    let ones;
+    let (sources, weights): (&[Piece], &[f64]) = match &job.kind {
+        Kind::Fold { sources, weights } => (sources, weights),
+        Kind::Copy(source) => {
+            if source.dtype == job.dtype && !(ctx.opts.finite && source.dtype.is_float()) {
                 // A plain copy: the bytes as they are.
                 let bytes = ctx.inputs(std::slice::from_ref(source), item, &mut scratch.raw)?;
-                return ctx
-                    .sink
-                    .write(item.job, item.start * dtype.size() as u64, bytes[0]);
+                return ctx.write_everywhere(
+                    job,
+                    item.start * source.dtype.size() as u64,
+                    bytes[0],
+                );
             }
             // A float copy that converts or is checked: a fold of one input with weight 1,
             // which is what decoding a float does.
-            (std::slice::from_ref(source), &[1.0], *out_dtype)
+            ones = vec![1.0; outputs];
+            (std::slice::from_ref(source), &ones[..])
         }
     };
-    let Scratch { raw, out, dtypes } = scratch;
+    let out_dtype = job.dtype;
+    let Scratch { raw, outs, dtypes } = scratch;
     dtypes.clear();
-    dtypes.extend(sources.iter().map(|s| dtype_of(ckpts, *s)));
+    dtypes.extend(sources.iter().map(|p| p.dtype));
     // One small allocation per item (a megabyte of input): the slices borrow the mapping.
     let inputs = ctx.inputs(sources, item, raw)?;
 
     let osize = out_dtype.size();
-    out.resize(item.len * osize, 0);
+    outs.resize_with(outputs, Vec::new);
+    for o in outs.iter_mut() {
+        o.resize(item.len * osize, 0);
+    }
     let converts = dtypes.iter().any(|d| *d != out_dtype);
     let (mut nan, mut inf, mut overflow) = (0, 0, 0);
-    fold_into(dtypes, weights, &inputs, out_dtype, out, |acc| {
-        if ctx.checks.finite {
+    let mut refs: Vec<&mut [u8]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    fold_into(dtypes, weights, &inputs, out_dtype, &mut refs, |_, acc| {
+        if ctx.opts.finite {
             let (n, i) = count_non_finite(acc);
             nan += n;
             inf += i;
@@ -517,53 +493,51 @@ fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratc
         }
     });
     if nan + inf > 0 {
-        return Err(find_non_finite(ckpts, sources, &inputs, (nan, inf)));
+        return Err(find_non_finite(ctx, sources, &inputs, (nan, inf)));
     }
     if overflow > 0 {
-        let s = sources[0];
-        let t = &ckpts[s.ckpt].tensors[s.tensor];
+        let p = &sources[0];
         return Err(Error::tensor(
-            &ckpts[s.ckpt].path,
-            &t.name,
+            ctx.work.inputs[p.input].path(),
+            p.name,
             format!(
                 "{overflow} values overflow {out_dtype} when converted from {}",
-                t.dtype
+                p.dtype
             ),
         ));
     }
-    if !converts && matches!(job, Job::Copy { .. }) {
+    if !converts && matches!(job.kind, Kind::Copy(_)) {
         // A checked copy keeps the input's bytes (NaN payloads included).
-        return ctx
-            .sink
-            .write(item.job, item.start * osize as u64, inputs[0]);
+        return ctx.write_everywhere(job, item.start * osize as u64, inputs[0]);
     }
-    *out = ctx.writes.submit(Pending {
-        item: index,
-        tensor: item.job,
-        off: item.start * osize as u64,
-        buf: std::mem::take(out),
-    });
+    for (o, buf) in outs.iter_mut().enumerate() {
+        *buf = ctx.writes.submit(Pending {
+            item: index,
+            output: o,
+            tensor: job.tensor,
+            off: item.start * osize as u64,
+            buf: std::mem::take(buf),
+        });
+    }
     Ok(())
 }
 
 /// With NaN/Inf among the results of an item (`nan`, `inf` of them), finds the input that
 /// holds them, or blames the output when every input is finite (overflow of the sum itself).
 fn find_non_finite(
-    ckpts: &[Checkpoint],
-    sources: &[Src],
+    ctx: &Ctx,
+    sources: &[Piece],
     inputs: &[&[u8]],
     (nan, inf): (usize, usize),
 ) -> Error {
-    for (s, x) in sources.iter().zip(inputs) {
-        let dtype = dtype_of(ckpts, *s);
-        let mut vals = vec![0.0; x.len() / dtype.size()];
-        decode(dtype, x, &mut vals);
+    for (p, x) in sources.iter().zip(inputs) {
+        let mut vals = vec![0.0; x.len() / p.dtype.size()];
+        decode(p.dtype, x, &mut vals);
         let (n, i) = count_non_finite(&vals);
         if n + i > 0 {
-            return non_finite_error(ckpts, Some(*s), "", n, i);
+            return non_finite_error(ctx.work.inputs, Some(p), "", n, i);
         }
     }
     // Every input is finite: the weighted sum itself overflowed.
-    let s = sources[0];
-    non_finite_error(ckpts, None, &ckpts[s.ckpt].tensors[s.tensor].name, nan, inf)
+    non_finite_error(ctx.work.inputs, None, sources[0].name, nan, inf)
 }

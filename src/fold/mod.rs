@@ -1,56 +1,31 @@
-//! Producing output tensors: the jobs (weighted folds and copies), the device they run on, and
-//! the sink they write to.
+//! Executing a plan: every output tensor made as the plan says, on a device, written to one
+//! [`Sink`] per output.
 //!
-//! Every output tensor is one [`Job`]. A fold job reads each of its sources once, chunk by
-//! chunk, accumulates `Σ w_k x_k` in f64 and encodes the result; a copy job moves one source
-//! tensor, converting its dtype if asked. Each element's value depends only on the weights and
-//! the inputs, never on the chunking or the number of threads.
+//! A fold reads each of its sources once, chunk by chunk, accumulates `Σ w_k x_k` in f64 for
+//! every output and encodes each result once; a copy moves one source's bytes, converting
+//! their dtype if asked. Each element's value depends only on the weights and the inputs,
+//! never on the chunking, the number of threads, the device or the number of outputs.
+//!
+//! - [`kernels`]: the fused fold loops;
+//! - [`cpu`]: the CPU executor (mapped inputs, work items in order, batched writes);
+//! - [`cuda`]: the CUDA executor (with the `cuda` feature; a stand-in without it), and
+//!   [`packing`], the layout of its batches;
+//! - [`sink`]: the output writers as sinks.
 
 pub mod cpu;
-#[cfg_attr(not(feature = "cuda"), path = "cuda_stub.rs")]
+#[cfg_attr(not(feature = "cuda"), path = "cuda/stub.rs")]
 pub mod cuda;
 pub mod kernels;
 pub mod packing;
+pub mod sink;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::checkpoint::Checkpoint;
-use crate::dtype::DType;
+use crate::codec::DType;
 use crate::error::{Error, Result};
-
-/// One input tensor: which checkpoint, which of its tensors.
-#[derive(Clone, Copy, Debug)]
-pub struct Src {
-    /// Index into the checkpoint slice given to [`execute`].
-    pub ckpt: usize,
-    /// Index into that checkpoint's `tensors`.
-    pub tensor: usize,
-}
-
-/// How one output tensor is made.
-#[derive(Clone, Debug)]
-pub enum Job {
-    /// `Σ weights[k] · sources[k]`, encoded as `out_dtype` (a float dtype). Sources all have
-    /// `numel` elements of a float dtype; weights are non-zero.
-    Fold {
-        sources: Vec<Src>,
-        weights: Vec<f64>,
-        out_dtype: DType,
-    },
-    /// The source tensor as it is, or converted to `out_dtype` when that differs (floats only).
-    Copy { source: Src, out_dtype: DType },
-}
-
-impl Job {
-    /// Bytes of input this job reads.
-    pub fn input_bytes(&self, ckpts: &[Checkpoint]) -> u64 {
-        let len = |s: &Src| ckpts[s.ckpt].tensors[s.tensor].len;
-        match self {
-            Job::Fold { sources, .. } => sources.iter().map(len).sum(),
-            Job::Copy { source, .. } => len(source),
-        }
-    }
-}
+use crate::plan::{Make, Plan, Src};
+use crate::runtime::Runtime;
 
 /// Where output tensors go: `write(i, off, bytes)` puts `bytes` at byte `off` of output tensor
 /// `i`'s data. Called from many threads at once, for disjoint ranges.
@@ -98,11 +73,23 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// Checks applied while folding.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Checks {
-    /// Fail on NaN/Inf in any input or output value of a float tensor.
+/// How the fold runs, beyond the plan.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Fail on NaN/Inf in any input or output value of a float tensor (`--check-finite`).
     pub finite: bool,
+    /// How many inputs (the first ones) the CPU executor reads through memory maps; the others
+    /// are read with `pread` ([`cpu::MAPPED_INPUTS`] by default).
+    pub mapped_inputs: usize,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            finite: false,
+            mapped_inputs: cpu::MAPPED_INPUTS,
+        }
+    }
 }
 
 /// Counts bytes read, for the progress bar and the summary.
@@ -142,50 +129,183 @@ impl Progress {
     }
 }
 
-/// Runs `jobs` (output tensor `i` is made by `jobs[i]`) on `device`, writing into `sink`.
+/// Makes every tensor of `plan` on `device`; output `o`'s tensors go to `sinks[o]`.
 pub fn execute(
-    ckpts: &[Checkpoint],
-    jobs: &[Job],
-    sink: &dyn Sink,
+    plan: &Plan,
+    sinks: &[&dyn Sink],
     device: Device,
-    checks: Checks,
+    opts: Options,
     progress: &Progress,
+    rt: &Runtime,
 ) -> Result<()> {
-    for c in ckpts {
+    assert_eq!(sinks.len(), plan.outputs.len(), "one sink per output");
+    for c in &plan.inputs {
         c.check_readable()?;
         c.check_unchanged()?;
     }
+    let work = Work::of(plan, sinks);
     let result = match device {
-        Device::Cpu => cpu::execute(ckpts, jobs, sink, checks, progress),
-        Device::Cuda(n) => cuda::execute(n, ckpts, jobs, sink, checks, progress),
+        Device::Cpu => cpu::execute(&work, &work.jobs, opts, progress, rt),
+        Device::Cuda(n) => cuda::execute(n, &work, opts, progress, rt),
     };
     progress.finish();
     result?;
     // An input rewritten in place while we read it may have given us a mix of old and new
     // bytes: refuse to commit such an output.
-    for c in ckpts {
+    for c in &plan.inputs {
         c.check_unchanged()?;
     }
     Ok(())
 }
 
-/// The error for a NaN/Inf found by `--check-finite`.
+/// A plan as the executors run it: every output tensor as a [`Job`], and the sinks.
+pub struct Work<'p> {
+    pub inputs: &'p [Checkpoint],
+    pub jobs: Vec<Job<'p>>,
+    pub sinks: &'p [&'p dyn Sink],
+}
+
+/// One output tensor to make.
+#[derive(Clone, Debug)]
+pub struct Job<'p> {
+    /// The output tensor made (the index the sinks know it by).
+    pub tensor: usize,
+    /// The output dtype.
+    pub dtype: DType,
+    pub kind: Kind<'p>,
+}
+
+/// How a [`Job`] makes its tensor.
+#[derive(Clone, Debug)]
+pub enum Kind<'p> {
+    /// `Σ weights[o·S + k] · sources[k]` for each output `o` (`S` sources).
+    Fold {
+        sources: Vec<Piece<'p>>,
+        weights: Vec<f64>,
+    },
+    /// The piece as it is, or converted to the job's dtype, into every output.
+    Copy(Piece<'p>),
+}
+
+/// Bytes of one input to read: a tensor, or a raw range of one of its files.
+#[derive(Clone, Copy, Debug)]
+pub struct Piece<'p> {
+    /// Index into the inputs.
+    pub input: usize,
+    /// Index into that input's data files.
+    pub file: usize,
+    /// Absolute offset in that file.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    pub dtype: DType,
+    /// The tensor's name, for messages.
+    pub name: &'p str,
+}
+
+impl Piece<'_> {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.len / self.dtype.size() as u64
+    }
+
+    /// Reads `buf.len()` bytes of the piece, starting `off` bytes in.
+    pub fn read(&self, inputs: &[Checkpoint], off: u64, buf: &mut [u8]) -> Result<()> {
+        inputs[self.input].read_range(self.name, self.file, self.offset, self.len, off, buf)
+    }
+}
+
+impl<'p> Work<'p> {
+    /// The jobs of `plan`, in tensor order.
+    pub fn of(plan: &'p Plan, sinks: &'p [&'p dyn Sink]) -> Work<'p> {
+        let piece = |s: Src| {
+            let t = plan.tensor_info(s);
+            Piece {
+                input: s.input,
+                file: t.file,
+                offset: t.offset,
+                len: t.len,
+                dtype: t.dtype,
+                name: &t.name,
+            }
+        };
+        let jobs = plan
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Job {
+                tensor: i,
+                dtype: t.dtype,
+                kind: match &t.make {
+                    Make::Fold { sources } => Kind::Fold {
+                        sources: sources.iter().map(|&s| piece(s)).collect(),
+                        weights: plan.fold_weights(sources),
+                    },
+                    Make::Copy { source } => Kind::Copy(piece(*source)),
+                    Make::Bytes {
+                        input,
+                        file,
+                        offset,
+                        len,
+                    } => Kind::Copy(Piece {
+                        input: *input,
+                        file: *file,
+                        offset: *offset,
+                        len: *len,
+                        dtype: DType::U8,
+                        name: &t.name,
+                    }),
+                },
+            })
+            .collect();
+        Work {
+            inputs: &plan.inputs,
+            jobs,
+            sinks,
+        }
+    }
+
+    /// How many outputs.
+    pub fn outputs(&self) -> usize {
+        self.sinks.len()
+    }
+}
+
+impl<'p> Job<'p> {
+    /// The pieces it reads: every source of a fold, the one of a copy.
+    pub fn sources(&self) -> &[Piece<'p>] {
+        match &self.kind {
+            Kind::Fold { sources, .. } => sources,
+            Kind::Copy(p) => std::slice::from_ref(p),
+        }
+    }
+
+    /// Elements of the tensor it makes.
+    pub fn numel(&self) -> u64 {
+        self.sources()[0].numel()
+    }
+
+    /// Bytes of input it reads.
+    pub fn input_bytes(&self) -> u64 {
+        self.sources().iter().map(|p| p.len).sum()
+    }
+}
+
+/// The error for a NaN/Inf found by `--check-finite`: in the input `piece`, or, without one,
+/// in the result for output tensor `out_name`.
 pub(crate) fn non_finite_error(
-    ckpts: &[Checkpoint],
-    src: Option<Src>,
+    inputs: &[Checkpoint],
+    piece: Option<&Piece>,
     out_name: &str,
     nan: usize,
     inf: usize,
 ) -> Error {
-    match src {
-        Some(s) => {
-            let c = &ckpts[s.ckpt];
-            Error::tensor(
-                &c.path,
-                &c.tensors[s.tensor].name,
-                format!("{nan} NaN and {inf} infinite values (--check-finite)"),
-            )
-        }
+    match piece {
+        Some(p) => Error::tensor(
+            inputs[p.input].path(),
+            p.name,
+            format!("{nan} NaN and {inf} infinite values (--check-finite)"),
+        ),
         None => Error::tensor(
             "output",
             out_name,

@@ -1,5 +1,5 @@
 //! Packing fold jobs into device batches: which elements go to which kernel launch, and the
-//! byte layout of the buffers that the CUDA kernels (`cuda_kernels.cu`) read and write.
+//! byte layout of the buffers that the CUDA kernels (`cuda/kernels.cu`) read and write.
 //!
 //! A [`Batch`] is a list of segments (element ranges of fold jobs) laid end to end in one
 //! accumulator array. For input `k` of its jobs, a *piece* is one host-to-device transfer: the
@@ -11,13 +11,13 @@
 
 use rayon::prelude::*;
 
-use super::{cpu, Checks, Job, Progress, Sink, Src};
-use crate::checkpoint::Checkpoint;
-use crate::dtype::DType;
+use super::{cpu, Job, Kind, Options, Piece, Progress, Sink, Work};
+use crate::codec::DType;
 use crate::error::{Error, Result};
+use crate::runtime::Runtime;
 
 /// The CUDA C source of the kernels.
-pub const KERNELS: &str = include_str!("cuda_kernels.cu");
+pub const KERNELS: &str = include_str!("cuda/kernels.cu");
 /// Threads per block (`BLOCK` in the kernels).
 pub const BLOCK: u32 = 256;
 /// Elements one block works on (`BLOCK * ITEMS` in the kernels).
@@ -107,35 +107,28 @@ fn align(n: u64, a: u64) -> u64 {
     n.div_ceil(a) * a
 }
 
-fn fold_parts(job: &Job) -> Option<(&[Src], &[f64], DType)> {
-    match job {
-        Job::Fold {
-            sources,
-            weights,
-            out_dtype,
-        } => Some((sources, weights, *out_dtype)),
-        Job::Copy { .. } => None,
+/// The sources and weights of a fold job (of one output), or `None` for a copy.
+fn fold_parts<'j>(job: &'j Job) -> Option<(&'j [Piece<'j>], &'j [f64])> {
+    match &job.kind {
+        Kind::Fold { sources, weights } => Some((sources, weights)),
+        Kind::Copy(_) => None,
     }
 }
 
-fn tensor(ckpts: &[Checkpoint], s: Src) -> (&Checkpoint, &crate::checkpoint::TensorInfo) {
-    let c = &ckpts[s.ckpt];
-    (c, &c.tensors[s.tensor])
-}
-
 /// Splits the fold jobs among `jobs` into batches, in job order. Copy jobs are left out.
-pub fn plan(ckpts: &[Checkpoint], jobs: &[Job], limits: Limits) -> Vec<Batch> {
+pub fn plan(jobs: &[Job], limits: Limits) -> Vec<Batch> {
     let mut batches = Vec::new();
     let mut cur = Batch::default();
     for (j, job) in jobs.iter().enumerate() {
-        let Some((sources, _, out_dtype)) = fold_parts(job) else {
+        let Some((sources, _)) = fold_parts(job) else {
             continue;
         };
-        let numel = tensor(ckpts, sources[0]).1.numel();
+        let out_dtype = job.dtype;
+        let numel = job.numel();
         // Bytes per element of the widest input: a bound for every piece.
         let width = sources
             .iter()
-            .map(|s| tensor(ckpts, *s).1.dtype.size() as u64)
+            .map(|p| p.dtype.size() as u64)
             .max()
             .unwrap_or(1);
         let mut start = 0;
@@ -177,14 +170,11 @@ impl Batch {
     }
 
     /// Bytes of piece `k`: table and data.
-    pub fn piece_bytes(&self, ckpts: &[Checkpoint], jobs: &[Job], k: usize) -> u64 {
+    pub fn piece_bytes(&self, jobs: &[Job], k: usize) -> u64 {
         let mut end = self.table_bytes();
         for seg in &self.segments {
-            if let Some(s) = fold_parts(&jobs[seg.job]).and_then(|(src, _, _)| src.get(k)) {
-                end += align(
-                    seg.count * tensor(ckpts, *s).1.dtype.size() as u64,
-                    DATA_ALIGN,
-                );
+            if let Some(p) = fold_parts(&jobs[seg.job]).and_then(|(src, _)| src.get(k)) {
+                end += align(seg.count * p.dtype.size() as u64, DATA_ALIGN);
             }
         }
         end
@@ -195,7 +185,7 @@ impl Batch {
     /// and the bytes read from the inputs.
     pub fn fill_piece(
         &self,
-        ckpts: &[Checkpoint],
+        work: &Work,
         jobs: &[Job],
         k: usize,
         buf: &mut [u8],
@@ -204,18 +194,17 @@ impl Batch {
         let table = self.table_bytes() as usize;
         let (head, mut rest) = buf.split_at_mut(table);
         let mut pos = table;
-        let mut reads: Vec<(Src, u64, &mut [u8])> = Vec::new();
+        let mut reads: Vec<(Piece, u64, &mut [u8])> = Vec::new();
         let mut total = 0u64;
         for (i, seg) in self.segments.iter().enumerate() {
-            let (sources, weights, out_dtype) =
-                fold_parts(&jobs[seg.job]).expect("batches hold fold jobs");
-            let converts = sources
-                .iter()
-                .any(|s| tensor(ckpts, *s).1.dtype != out_dtype);
+            let job = &jobs[seg.job];
+            let (sources, weights) = fold_parts(job).expect("batches hold fold jobs");
+            let out_dtype = job.dtype;
+            let converts = sources.iter().any(|p| p.dtype != out_dtype);
             let mut flags = if converts { FLAG_CONVERTS } else { 0 };
             let (src_off, in_code, weight) = match sources.get(k) {
                 Some(s) => {
-                    let dtype = tensor(ckpts, *s).1.dtype;
+                    let dtype = s.dtype;
                     let size = dtype.size();
                     let len = seg.count as usize * size;
                     let padded = align(len as u64, DATA_ALIGN) as usize;
@@ -249,10 +238,9 @@ impl Batch {
             e[48..52].copy_from_slice(&flags.to_le_bytes());
             e[52..56].copy_from_slice(&0u32.to_le_bytes());
         }
-        reads.into_par_iter().try_for_each(|(s, off, part)| {
-            let (c, t) = tensor(ckpts, s);
-            c.read_at(t, off, part)
-        })?;
+        reads
+            .into_par_iter()
+            .try_for_each(|(p, off, part)| p.read(work.inputs, off, part))?;
         Ok((pos, total))
     }
 
@@ -260,11 +248,11 @@ impl Batch {
     /// `sink`.
     pub fn write_out(&self, jobs: &[Job], out: &[u8], sink: &dyn Sink) -> Result<()> {
         for seg in &self.segments {
-            let (_, _, out_dtype) = fold_parts(&jobs[seg.job]).expect("batches hold fold jobs");
-            let size = out_dtype.size() as u64;
+            let job = &jobs[seg.job];
+            let size = job.dtype.size() as u64;
             let at = seg.out as usize;
             let bytes = &out[at..at + (seg.count * size) as usize];
-            sink.write(seg.job, seg.start * size, bytes)?;
+            sink.write(job.tensor, seg.start * size, bytes)?;
         }
         Ok(())
     }
@@ -274,10 +262,11 @@ impl Batch {
     /// it does on the CPU.
     pub fn error_from_cpu(
         &self,
-        ckpts: &[Checkpoint],
+        work: &Work,
         jobs: &[Job],
-        checks: Checks,
+        opts: Options,
         counts: [u32; 2],
+        rt: &Runtime,
     ) -> Error {
         let mut sub: Vec<Job> = Vec::new();
         let mut last = None;
@@ -287,7 +276,13 @@ impl Batch {
                 last = Some(seg.job);
             }
         }
-        match cpu::execute(ckpts, &sub, &Discard, checks, &Progress::default()) {
+        let sinks: Vec<&dyn Sink> = vec![&Discard; work.outputs()];
+        let discard = Work {
+            inputs: work.inputs,
+            jobs: Vec::new(),
+            sinks: &sinks,
+        };
+        match cpu::execute(&discard, &sub, opts, &Progress::default(), rt) {
             Err(e) => e,
             Ok(()) => Error::Cuda(format!(
                 "the device counted {} non-finite and {} overflowing values that the CPU path \
@@ -305,7 +300,7 @@ pub fn out_counts(out: &[u8]) -> [u32; 2] {
 }
 
 /// A sink that drops what it is given.
-struct Discard;
+pub(crate) struct Discard;
 
 impl Sink for Discard {
     fn write(&self, _: usize, _: u64, _: &[u8]) -> Result<()> {

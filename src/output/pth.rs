@@ -1,6 +1,4 @@
-//! Writing PyTorch checkpoints: a plain state dict as `torch.save` writes it ([`PthWriter`]),
-//! and a copy of an existing checkpoint with some storage records exchanged ([`PatchWriter`],
-//! for `swap` inside a `.pth`).
+//! Writing a PyTorch checkpoint that holds a plain state dict, as `torch.save` writes it.
 //!
 //! [`PthWriter`] writes a zip of stored entries `archive/data.pkl` (an `OrderedDict` of
 //! `_rebuild_tensor_v2` calls, `_rebuild_tensor_v3` for dtypes without a storage class),
@@ -10,20 +8,18 @@
 //! from many threads: each chunk's CRC-32 is kept and the chunks are combined in order at
 //! commit, which also proves every byte was written.
 
-use std::io::Read;
 use std::path::Path;
 use std::sync::Mutex;
 
 use crc32fast::Hasher;
 
-use super::AtomicFile;
-use crate::checkpoint::pickle::write::{self as pw, Writer as PickleWriter};
-use crate::checkpoint::safetensors::OutTensor;
-use crate::checkpoint::torch::{Archive, COMMENT_PREFIX};
-use crate::checkpoint::zip::{self, write as zw, Source};
-use crate::dtype::DType;
+use super::atomic::{AtomicFile, Finished};
+use super::safetensors::check_length;
+use crate::codec::pickle::write::{self as pw, Writer as PickleWriter};
+use crate::codec::zip::write as zw;
+use crate::codec::{DType, TensorSpec};
 use crate::error::{Error, Result};
-use crate::fold::Sink;
+use crate::runtime::Runtime;
 
 /// Record name prefix of the archives written.
 pub const PREFIX: &str = "archive/";
@@ -47,7 +43,7 @@ fn contiguous_strides(shape: &[usize]) -> Vec<u64> {
 }
 
 /// The `data.pkl` of a state dict holding `tensors`, tensor `i` in storage record `i`.
-pub fn state_dict_pickle(tensors: &[OutTensor]) -> Vec<u8> {
+pub fn state_dict_pickle(tensors: &[TensorSpec]) -> Vec<u8> {
     let mut w = PickleWriter::new();
     let ordered_dict = |w: &mut PickleWriter| {
         w.global("collections", "OrderedDict");
@@ -145,8 +141,13 @@ pub struct PthWriter {
 
 impl PthWriter {
     /// Creates the temporary file and writes everything but the tensor data.
-    pub fn create(target: &Path, force: bool, tensors: &[OutTensor]) -> Result<PthWriter> {
-        let file = AtomicFile::create(target, force)?;
+    pub fn create(
+        target: &Path,
+        force: bool,
+        tensors: &[TensorSpec],
+        rt: &Runtime,
+    ) -> Result<PthWriter> {
+        let file = AtomicFile::create(target, force, rt)?;
         let pickle = state_dict_pickle(tensors);
         let head: Vec<(String, Vec<u8>)> = vec![
             (format!("{PREFIX}data.pkl"), pickle),
@@ -199,8 +200,9 @@ impl PthWriter {
         self.total
     }
 
-    /// Fills in the tensor records' CRCs, writes the central directory, syncs and renames.
-    pub fn commit(mut self) -> Result<u64> {
+    /// Fills in the tensor records' CRCs, writes the central directory and syncs; the rename
+    /// is left to [`commit_all`](super::commit_all).
+    pub fn finish(mut self) -> Result<Finished> {
         let chunks = std::mem::take(&mut self.chunks);
         for (i, c) in chunks.into_iter().enumerate() {
             let k = self.first_tensor + i;
@@ -220,124 +222,20 @@ impl PthWriter {
             self.entries.iter().zip(self.crcs.iter().copied()).collect();
         let cd = zw::central_directory(&with, self.cd_offset);
         self.file.write_at(self.cd_offset, &cd)?;
-        super::check_length(&self.file, self.total)?;
-        self.file.commit()?;
-        Ok(self.total)
+        check_length(&self.file, self.total)?;
+        self.file.finish()
     }
 }
 
-impl Sink for PthWriter {
-    fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
+impl PthWriter {
+    /// Puts `bytes` at byte `off` of tensor `tensor`'s record.
+    pub fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
         let e = &self.entries[self.first_tensor + tensor];
         debug_assert!(off + bytes.len() as u64 <= e.size);
         self.file.write_at(e.data_offset + off, bytes)?;
         self.chunks[tensor].add(off, bytes);
         Ok(())
     }
-}
-
-/// A copy of a PyTorch checkpoint with the contents of some storage records exchanged: every
-/// other byte, the pickle included, stays as it was, except the CRC fields of the exchanged
-/// records and the archive comment.
-pub struct PatchWriter {
-    file: AtomicFile,
-    /// Absolute data offset of each output slot's record.
-    offsets: Vec<u64>,
-    total: u64,
-}
-
-impl PatchWriter {
-    /// Copies `input` (the file `archive` was read from) to a temporary file beside `target`,
-    /// with the comment `comment` (`ema_tool:{json}`, or empty), and prepares the exchange of
-    /// the records of each pair of storages in `exchanges`. Output slot `2k` is the record of
-    /// `exchanges[k].0` (to be filled with the bytes of `exchanges[k].1`), slot `2k + 1` the
-    /// other one.
-    pub fn create(
-        target: &Path,
-        force: bool,
-        input: &Path,
-        archive: &Archive,
-        exchanges: &[(usize, usize)],
-        comment: &str,
-    ) -> Result<PatchWriter> {
-        if comment.len() > 0xFFFF {
-            return Err(Error::Output {
-                path: target.to_path_buf(),
-                what: "internal error: archive comment too long".into(),
-            });
-        }
-        let dir = &archive.dir;
-        let mut ranges: Vec<(u64, u64)> = exchanges
-            .iter()
-            .flat_map(|&(a, b)| [a, b])
-            .map(|s| {
-                let st = &archive.storages[s];
-                (st.data_offset, st.data_offset + st.record_len)
-            })
-            .collect();
-        ranges.sort_unstable();
-        if ranges.windows(2).any(|w| w[0].1 > w[1].0) {
-            return Err(Error::format(
-                input,
-                "storage records overlap; cannot exchange them in place",
-            ));
-        }
-        let file = AtomicFile::create(target, force)?;
-        let mut src_file = std::fs::File::open(input).map_err(|e| Error::io(input, e))?;
-        let in_len = src_file.metadata().map_err(|e| Error::io(input, e))?.len();
-        // Everything up to the comment length field of the end record.
-        let keep = dir.eocd_offset + 20;
-        let copied = std::io::copy(&mut (&mut src_file).take(keep), &mut file.file())
-            .map_err(|e| Error::io(input, e))?;
-        if copied != keep {
-            return Err(Error::format(input, "file shrank while being copied"));
-        }
-        let mut tail = (comment.len() as u16).to_le_bytes().to_vec();
-        tail.extend_from_slice(comment.as_bytes());
-        file.write_at(keep, &tail)?;
-        let total = keep + tail.len() as u64;
-
-        let src = Source::File(&src_file, in_len);
-        let fmt = |e: String| Error::format(input, e);
-        let mut offsets = Vec::with_capacity(exchanges.len() * 2);
-        for &(a, b) in exchanges {
-            let (sa, sb) = (&archive.storages[a], &archive.storages[b]);
-            let (ea, eb) = (&dir.entries[sa.entry], &dir.entries[sb.entry]);
-            for (s, e, crc) in [(sa, ea, eb.crc32), (sb, eb, ea.crc32)] {
-                let mut at =
-                    zip::crc_locations(&src, e, s.data_offset + s.record_len).map_err(fmt)?;
-                at.push(e.central_offset + 16);
-                for off in at {
-                    file.write_at(off, &crc.to_le_bytes())?;
-                }
-            }
-            offsets.push(sa.data_offset);
-            offsets.push(sb.data_offset);
-        }
-        Ok(PatchWriter {
-            file,
-            offsets,
-            total,
-        })
-    }
-
-    /// Checks the file is complete, syncs and renames it into place.
-    pub fn commit(self) -> Result<u64> {
-        super::check_length(&self.file, self.total)?;
-        self.file.commit()?;
-        Ok(self.total)
-    }
-}
-
-impl Sink for PatchWriter {
-    fn write(&self, slot: usize, off: u64, bytes: &[u8]) -> Result<()> {
-        self.file.write_at(self.offsets[slot] + off, bytes)
-    }
-}
-
-/// The archive comment recording `record` (the `ema_tool` JSON) for a later `ema-tool`.
-pub fn comment_for(record: &serde_json::Value) -> String {
-    format!("{COMMENT_PREFIX}{record}")
 }
 
 #[cfg(test)]
@@ -357,10 +255,10 @@ mod tests {
             )
         ) {
             let mut seen = std::collections::HashSet::new();
-            let tensors: Vec<OutTensor> = spec
+            let tensors: Vec<TensorSpec> = spec
                 .into_iter()
                 .filter(|(n, _, _)| seen.insert(n.clone()))
-                .map(|(name, d, shape)| OutTensor { name, dtype: DType::ALL[d], shape })
+                .map(|(name, d, shape)| TensorSpec { name, dtype: DType::ALL[d], shape })
                 .collect();
             let back = flatten_pickle_bytes(&state_dict_pickle(&tensors)).unwrap();
             prop_assert_eq!(back.len(), tensors.len());

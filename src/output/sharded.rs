@@ -11,14 +11,15 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::{parent_dir, AtomicFile, SafetensorsWriter};
-use crate::checkpoint::safetensors::OutTensor;
+use super::atomic::{parent_dir, AtomicFile, Finished};
+use super::safetensors::SafetensorsWriter;
+use crate::codec::TensorSpec;
 use crate::error::{Error, Result};
-use crate::fold::Sink;
+use crate::runtime::Runtime;
 
 /// Groups of tensor indices, one group per shard, none larger than `max` bytes unless it holds
 /// a single tensor.
-pub fn plan_shards(tensors: &[OutTensor], max: u64) -> Vec<Vec<usize>> {
+pub fn plan_shards(tensors: &[TensorSpec], max: u64) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut size = 0u64;
     for (i, t) in tensors.iter().enumerate() {
@@ -70,9 +71,10 @@ impl ShardedWriter {
     pub fn create(
         target: &Path,
         force: bool,
-        tensors: &[OutTensor],
+        tensors: &[TensorSpec],
         metadata: &BTreeMap<String, String>,
         groups: &[Vec<usize>],
+        rt: &Runtime,
     ) -> Result<ShardedWriter> {
         let (names, index_path) = shard_names(target, groups.len())?;
         let dir = parent_dir(target);
@@ -94,7 +96,7 @@ impl ShardedWriter {
         let mut shards = Vec::with_capacity(groups.len());
         let mut weight_map = BTreeMap::new();
         for (s, (g, name)) in groups.iter().zip(&names).enumerate() {
-            let subset: Vec<OutTensor> = g.iter().map(|&i| tensors[i].clone()).collect();
+            let subset: Vec<TensorSpec> = g.iter().map(|&i| tensors[i].clone()).collect();
             for (k, &i) in g.iter().enumerate() {
                 place[i] = (s, k);
                 weight_map.insert(tensors[i].name.clone(), name.clone());
@@ -104,9 +106,10 @@ impl ShardedWriter {
                 force,
                 &subset,
                 metadata,
+                rt,
             )?);
         }
-        let total: u64 = tensors.iter().map(OutTensor::nbytes).sum();
+        let total: u64 = tensors.iter().map(TensorSpec::nbytes).sum();
         let mut index = serde_json::to_vec_pretty(&json!({
             "metadata": {"total_size": total},
             "weight_map": weight_map,
@@ -127,51 +130,31 @@ impl ShardedWriter {
         &self.index_path
     }
 
-    /// Commits every shard, then the index; returns the bytes written.
-    ///
-    /// Every shard and the index are complete and synced before the first rename, so the only
-    /// failure left once renaming starts is a rename itself; the shards already renamed are
-    /// then removed, so no shard is left behind without its index.
-    pub fn commit(self) -> Result<u64> {
-        for s in &self.shards {
-            s.prepare()?;
-        }
-        let index = AtomicFile::create(&self.index_path, self.force)?;
-        index.write_at(0, &self.index)?;
-        index.sync()?;
-        let mut renamed = Vec::with_capacity(self.shards.len());
+    /// Completes and syncs every shard and the index, to be renamed by
+    /// [`commit_all`](super::commit_all): the shards first, the index last, so that no shard
+    /// is left behind without its index if a rename fails. Returns them with the bytes written.
+    pub fn finish(self, rt: &Runtime) -> Result<(Vec<Finished>, u64)> {
+        let mut done = Vec::with_capacity(self.shards.len() + 1);
         let mut total = 0;
-        let undo = |renamed: &[PathBuf]| {
-            for p in renamed {
-                let _ = std::fs::remove_file(p);
-            }
-        };
         for s in self.shards {
-            let target = s.target().to_path_buf();
-            match s.commit() {
-                Ok(n) => total += n,
-                Err(e) => {
-                    undo(&renamed);
-                    return Err(e);
-                }
-            }
-            renamed.push(target);
+            total += s.total_bytes();
+            done.push(s.finish()?);
         }
-        if let Err(e) = index.commit() {
-            undo(&renamed);
-            return Err(e);
-        }
-        Ok(total + self.index.len() as u64)
+        let index = AtomicFile::create(&self.index_path, self.force, rt)?;
+        index.write_at(0, &self.index)?;
+        done.push(index.finish()?);
+        Ok((done, total + self.index.len() as u64))
     }
-}
 
-impl Sink for ShardedWriter {
-    fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
+    /// Puts `bytes` at byte `off` of output tensor `tensor`'s data, in its shard.
+    pub fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
         let (s, k) = self.place[tensor];
         self.shards[s].write(k, off, bytes)
     }
 
-    fn write_batch(&self, writes: &[(usize, u64, &[u8])]) -> Result<()> {
+    /// Several writes (`(tensor, off, bytes)`, sorted by tensor and offset), each shard's run
+    /// written as one batch.
+    pub fn write_batch(&self, writes: &[(usize, u64, &[u8])]) -> Result<()> {
         // Sorted by tensor, so by shard: each shard gets its run of the batch.
         let mut rest = writes;
         while let Some(&(first, ..)) = rest.first() {
@@ -191,10 +174,10 @@ impl Sink for ShardedWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::DType;
+    use crate::codec::DType;
 
-    fn t(n: usize) -> OutTensor {
-        OutTensor {
+    fn t(n: usize) -> TensorSpec {
+        TensorSpec {
             name: format!("t{n}"),
             dtype: DType::U8,
             shape: vec![n],

@@ -1,7 +1,7 @@
-//! Tests of the batch layout, and of the CUDA kernels run on the CPU: `cuda_kernels.cu` is
+//! Tests of the batch layout, and of the CUDA kernels run on the CPU: `cuda/kernels.cu` is
 //! compiled by the host C compiler (`$CC`, else `cc`) with a small driver that emulates the
 //! launches, and its outputs are compared byte for byte with the CPU path's. Without a C
-//! compiler those tests say so and pass.
+//! compiler those tests say so and pass, unless `EMA_TOOL_TEST_STRICT=1`, where they fail.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,8 +11,12 @@ use std::sync::{Mutex, OnceLock};
 use half::{bf16, f16};
 
 use super::*;
-use crate::checkpoint::safetensors::{encode_header, OutTensor};
-use crate::fold::kernels;
+use crate::checkpoint::{Checkpoint, Open};
+use crate::codec::convert;
+use crate::codec::safetensors::encode_header;
+use crate::codec::TensorSpec;
+use crate::plan::{Make, Order, Output, Plan, Src, Tensor};
+use crate::testing::missing_prerequisite;
 
 /// The launches of the kernels, emulated one block and one thread at a time.
 const DRIVER: &str = r#"
@@ -148,7 +152,9 @@ fn emulator() -> Option<&'static Path> {
                 return Some(bin);
             }
         }
-        eprintln!("note: no working C compiler ({cc}); the CUDA kernels are not emulated");
+        missing_prerequisite(&format!(
+            "a working C compiler ({cc}): the CUDA kernels are not emulated"
+        ));
         None
     })
     .as_deref()
@@ -190,15 +196,15 @@ impl Rng {
 
 fn encode_vals(dtype: DType, vals: &[f64]) -> Vec<u8> {
     let mut out = vec![0u8; vals.len() * dtype.size()];
-    kernels::encode(dtype, vals, &mut out);
+    convert::encode(dtype, vals, &mut out);
     out
 }
 
 /// Writes a safetensors file of `(name, dtype, shape, values)`.
 fn write_st(path: &Path, tensors: &[(&str, DType, Vec<usize>, Vec<f64>)]) {
-    let outs: Vec<OutTensor> = tensors
+    let outs: Vec<TensorSpec> = tensors
         .iter()
-        .map(|(n, d, s, _)| OutTensor {
+        .map(|(n, d, s, _)| TensorSpec {
             name: n.to_string(),
             dtype: *d,
             shape: s.clone(),
@@ -215,16 +221,8 @@ fn write_st(path: &Path, tensors: &[(&str, DType, Vec<usize>, Vec<f64>)]) {
 struct MemSink(Mutex<Vec<Vec<u8>>>);
 
 impl MemSink {
-    fn new(ckpts: &[Checkpoint], jobs: &[Job]) -> MemSink {
-        let sizes = jobs.iter().map(|j| {
-            let (s, d) = match j {
-                Job::Fold {
-                    sources, out_dtype, ..
-                } => (sources[0], *out_dtype),
-                Job::Copy { source, out_dtype } => (*source, *out_dtype),
-            };
-            tensor(ckpts, s).1.numel() as usize * d.size()
-        });
+    fn new(plan: &Plan) -> MemSink {
+        let sizes = plan.specs().into_iter().map(|t| t.nbytes() as usize);
         MemSink(Mutex::new(sizes.map(|n| vec![0xEE; n]).collect()))
     }
     fn into_inner(self) -> Vec<Vec<u8>> {
@@ -242,25 +240,22 @@ impl Sink for MemSink {
 }
 
 /// What the CUDA executor does with each batch, with the emulator in place of the device.
-fn emulate(
-    bin: &Path,
-    ckpts: &[Checkpoint],
-    jobs: &[Job],
-    limits: Limits,
-    checks: Checks,
-) -> Result<Vec<Vec<u8>>> {
+fn emulate(bin: &Path, plan: &Plan, limits: Limits, opts: Options) -> Result<Vec<Vec<u8>>> {
     let dir = tmp();
-    let sink = MemSink::new(ckpts, jobs);
-    for batch in plan(ckpts, jobs, limits) {
+    let sink = MemSink::new(plan);
+    let sinks: [&dyn Sink; 1] = [&sink];
+    let work = Work::of(plan, &sinks);
+    let jobs = &work.jobs;
+    for batch in super::plan(jobs, limits) {
         let size = (0..batch.pieces)
-            .map(|k| batch.piece_bytes(ckpts, jobs, k))
+            .map(|k| batch.piece_bytes(jobs, k))
             .max()
             .unwrap() as usize;
         for k in 0..batch.pieces {
             // Garbage in the padding, as in a reused staging buffer.
             let mut buf = vec![0xA5u8; size];
-            let (len, read) = batch.fill_piece(ckpts, jobs, k, &mut buf)?;
-            assert_eq!(len as u64, batch.piece_bytes(ckpts, jobs, k));
+            let (len, read) = batch.fill_piece(&work, jobs, k, &mut buf)?;
+            assert_eq!(len as u64, batch.piece_bytes(jobs, k));
             assert!(read <= len as u64);
             std::fs::write(dir.path().join(format!("piece.{k}")), &buf[..len]).unwrap();
         }
@@ -271,7 +266,7 @@ fn emulate(
             batch.blocks.to_string(),
             batch.elems.to_string(),
             batch.out_bytes.to_string(),
-            u32::from(checks.finite).to_string(),
+            u32::from(opts.finite).to_string(),
         ];
         let mut all = vec!["batch", d];
         all.extend(args.iter().map(String::as_str));
@@ -279,22 +274,58 @@ fn emulate(
         let out = std::fs::read(dir.path().join("out")).unwrap();
         let counts = out_counts(&out);
         if counts != [0, 0] {
-            return Err(batch.error_from_cpu(ckpts, jobs, checks, counts));
+            return Err(batch.error_from_cpu(&work, jobs, opts, counts, &Runtime::new()));
         }
         batch.write_out(jobs, &out[OUT_HEADER..], &sink)?;
     }
+    drop(work);
     Ok(sink.into_inner())
 }
 
-fn cpu_outputs(ckpts: &[Checkpoint], jobs: &[Job], checks: Checks) -> Result<Vec<Vec<u8>>> {
-    let sink = MemSink::new(ckpts, jobs);
-    cpu::execute(ckpts, jobs, &sink, checks, &Progress::default())?;
+fn cpu_outputs(plan: &Plan, opts: Options) -> Result<Vec<Vec<u8>>> {
+    let sink = MemSink::new(plan);
+    let sinks: [&dyn Sink; 1] = [&sink];
+    let work = Work::of(plan, &sinks);
+    cpu::execute(
+        &work,
+        &work.jobs,
+        opts,
+        &Progress::default(),
+        &Runtime::new(),
+    )?;
+    drop(work);
     Ok(sink.into_inner())
+}
+
+/// A plan of one output over `inputs`, whose folds weigh input `k` by `weights[k]`.
+fn plan_of(inputs: Vec<Checkpoint>, weights: &[f64], tensors: Vec<Tensor>) -> Plan {
+    Plan {
+        inputs,
+        order: Order::Given,
+        outputs: vec![Output {
+            target: PathBuf::from("out.safetensors"),
+            params: Vec::new(),
+            weights: weights.to_vec(),
+        }],
+        tensors,
+    }
+}
+
+/// The output dtype and the first source of every fold tensor (by index).
+fn folds(plan: &Plan) -> Vec<(usize, DType, Src)> {
+    plan.tensors
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| match &t.make {
+            Make::Fold { sources } => Some((i, t.dtype, sources[0])),
+            _ => None,
+        })
+        .collect()
 }
 
 fn decoded(dtype: DType, bytes: &[u8]) -> Vec<f64> {
     let mut v = vec![0.0; bytes.len() / dtype.size()];
-    kernels::decode(dtype, bytes, &mut v);
+    convert::decode(dtype, bytes, &mut v);
     v
 }
 
@@ -411,7 +442,9 @@ fn kernels_are_valid_cpp() {
     {
         Ok(o) => o,
         Err(_) => {
-            eprintln!("note: no C++ compiler ({cxx}); the kernels' C++ is not checked");
+            missing_prerequisite(&format!(
+                "a C++ compiler ({cxx}): the kernels' C++ is not checked"
+            ));
             return;
         }
     };
@@ -449,15 +482,19 @@ fn fixture(dir: &Path) -> Vec<Checkpoint> {
         write_st(&p, &tensors);
         paths.push(p);
     }
-    paths.iter().map(|p| Checkpoint::open(p).unwrap()).collect()
+    paths
+        .iter()
+        .map(|p| Checkpoint::open(p, Open::Readable).unwrap())
+        .collect()
 }
 
-/// A fold job per tensor and output dtype (f8 outputs only for tensors that fit them), with
-/// weights that are not all equal, and copy jobs in between that batches skip.
-fn fixture_jobs(ckpts: &[Checkpoint]) -> Vec<Job> {
+/// A fold per tensor and output dtype (f8 outputs only for tensors that fit them), with
+/// weights that are not all equal, and copies in between that batches skip.
+fn fixture_plan(ckpts: Vec<Checkpoint>) -> Plan {
     let weights = [0.0625, 0.3125, 0.625];
-    let mut jobs = Vec::new();
-    for (ti, t) in ckpts[0].tensors.iter().enumerate() {
+    let mut tensors = Vec::new();
+    let of = |input: usize, tensor: usize| Src { input, tensor };
+    for (ti, t) in ckpts[0].tensors().iter().enumerate() {
         for out in FLOATS {
             let f8 = matches!(out, DType::F8E4M3 | DType::F8E5M2);
             if f8 && !(t.name.starts_with("f.") || t.name.starts_with("d.")) {
@@ -466,39 +503,42 @@ fn fixture_jobs(ckpts: &[Checkpoint]) -> Vec<Job> {
             if out == DType::F16 && t.name.starts_with("e.") {
                 continue; // would overflow
             }
-            jobs.push(Job::Fold {
-                sources: (0..3)
-                    .map(|c| Src {
-                        ckpt: c,
-                        tensor: ti,
-                    })
-                    .collect(),
-                weights: weights.to_vec(),
-                out_dtype: out,
+            tensors.push(Tensor {
+                name: t.name.clone(),
+                dtype: out,
+                shape: t.shape.clone(),
+                make: Make::Fold {
+                    sources: (0..3).map(|c| of(c, ti)).collect(),
+                },
             });
         }
-        jobs.push(Job::Copy {
-            source: Src {
-                ckpt: 2,
-                tensor: ti,
-            },
-            out_dtype: t.dtype,
+        tensors.push(Tensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            make: Make::Copy { source: of(2, ti) },
         });
     }
-    // A job with fewer inputs than the others in its batch.
-    jobs.push(Job::Fold {
-        sources: vec![Src { ckpt: 1, tensor: 0 }, Src { ckpt: 2, tensor: 0 }],
-        weights: vec![0.25, 0.75],
-        out_dtype: DType::F32,
+    // A fold with fewer inputs than the others in its batch.
+    let t0 = &ckpts[0].tensors()[0];
+    tensors.push(Tensor {
+        name: t0.name.clone(),
+        dtype: DType::F32,
+        shape: t0.shape.clone(),
+        make: Make::Fold {
+            sources: vec![of(1, 0), of(2, 0)],
+        },
     });
-    jobs
+    plan_of(ckpts, &weights, tensors)
 }
 
 #[test]
 fn plan_covers_every_element_once_within_limits() {
     let dir = tmp();
-    let ckpts = fixture(dir.path());
-    let jobs = fixture_jobs(&ckpts);
+    let plan = fixture_plan(fixture(dir.path()));
+    let sinks: [&dyn Sink; 1] = [&Discard];
+    let work = Work::of(&plan, &sinks);
+    let jobs = &work.jobs;
     for limits in [
         Limits::default(),
         Limits {
@@ -512,7 +552,7 @@ fn plan_covers_every_element_once_within_limits() {
             segments: 1,
         },
     ] {
-        let batches = plan(&ckpts, &jobs, limits);
+        let batches = super::plan(jobs, limits);
         let mut covered: Vec<u64> = jobs.iter().map(|_| 0).collect();
         for b in &batches {
             assert!(!b.segments.is_empty() && b.segments.len() <= limits.segments);
@@ -524,21 +564,22 @@ fn plan_covers_every_element_once_within_limits() {
                 assert_eq!((s.acc, s.first_block, s.out), (acc, blocks, out));
                 acc += s.count;
                 blocks += s.count.div_ceil(ELEMS_PER_BLOCK) as u32;
-                let Job::Fold { out_dtype, .. } = &jobs[s.job] else {
-                    panic!("a copy job in a batch")
-                };
-                out += align(s.count * out_dtype.size() as u64, DATA_ALIGN);
+                assert!(
+                    matches!(jobs[s.job].kind, Kind::Fold { .. }),
+                    "a copy job in a batch"
+                );
+                out += align(s.count * jobs[s.job].dtype.size() as u64, DATA_ALIGN);
             }
             assert_eq!((b.elems, b.blocks, b.out_bytes), (acc, blocks, out));
             for k in 0..b.pieces {
-                let data = b.piece_bytes(&ckpts, &jobs, k) - b.table_bytes();
+                let data = b.piece_bytes(jobs, k) - b.table_bytes();
                 assert!(data <= limits.data_bytes, "{data} > {}", limits.data_bytes);
             }
         }
         for (j, job) in jobs.iter().enumerate() {
-            let want = match job {
-                Job::Fold { sources, .. } => tensor(&ckpts, sources[0]).1.numel(),
-                Job::Copy { .. } => 0,
+            let want = match job.kind {
+                Kind::Fold { .. } => job.numel(),
+                Kind::Copy(_) => 0,
             };
             assert_eq!(covered[j], want, "job {j}");
         }
@@ -549,9 +590,12 @@ fn plan_covers_every_element_once_within_limits() {
 fn emulated_kernels_write_the_cpu_paths_bytes() {
     let Some(bin) = emulator() else { return };
     let dir = tmp();
-    let ckpts = fixture(dir.path());
-    let jobs = fixture_jobs(&ckpts);
-    let cpu = cpu_outputs(&ckpts, &jobs, Checks::default()).unwrap();
+    let plan = fixture_plan(fixture(dir.path()));
+    let cpu = cpu_outputs(&plan, Options::default()).unwrap();
+    let finite = Options {
+        finite: true,
+        ..Options::default()
+    };
     for limits in [
         Limits::default(),
         Limits {
@@ -560,16 +604,11 @@ fn emulated_kernels_write_the_cpu_paths_bytes() {
             segments: 4,
         },
     ] {
-        let gpu = emulate(bin, &ckpts, &jobs, limits, Checks { finite: true }).unwrap();
-        for (j, job) in jobs.iter().enumerate() {
-            if let Job::Fold {
-                sources, out_dtype, ..
-            } = job
-            {
-                let name = &tensor(&ckpts, sources[0]).1.name;
-                let what = format!("{name} as {out_dtype} ({limits:?})");
-                assert_same(&what, *out_dtype, &gpu[j], &cpu[j]);
-            }
+        let gpu = emulate(bin, &plan, limits, finite).unwrap();
+        for (j, out_dtype, src) in folds(&plan) {
+            let name = &plan.tensor_info(src).name;
+            let what = format!("{name} as {out_dtype} ({limits:?})");
+            assert_same(&what, out_dtype, &gpu[j], &cpu[j]);
         }
     }
 }
@@ -581,33 +620,50 @@ fn emulated_kernels_report_what_the_cpu_path_reports() {
     let mk = |name: &str, vals: [f64; 4]| {
         let p = dir.path().join(name);
         write_st(&p, &[("w", DType::F32, vec![4], vals.to_vec())]);
-        Checkpoint::open(&p).unwrap()
+        Checkpoint::open(&p, Open::Readable).unwrap()
     };
-    let ckpts = vec![
-        mk("a.safetensors", [1.0, 2.0, 1e5, 3.0]),
-        mk("b.safetensors", [1.0, f64::NAN, 1e5, 3.0]),
-    ];
-    let fold = |out_dtype| {
-        vec![Job::Fold {
-            sources: vec![Src { ckpt: 0, tensor: 0 }, Src { ckpt: 1, tensor: 0 }],
-            weights: vec![0.5, 0.5],
-            out_dtype,
-        }]
+    let fold = |dtype| {
+        let ckpts = vec![
+            mk("a.safetensors", [1.0, 2.0, 1e5, 3.0]),
+            mk("b.safetensors", [1.0, f64::NAN, 1e5, 3.0]),
+        ];
+        let tensor = Tensor {
+            name: "w".into(),
+            dtype,
+            shape: vec![4],
+            make: Make::Fold {
+                sources: vec![
+                    Src {
+                        input: 0,
+                        tensor: 0,
+                    },
+                    Src {
+                        input: 1,
+                        tensor: 0,
+                    },
+                ],
+            },
+        };
+        plan_of(ckpts, &[0.5, 0.5], vec![tensor])
     };
-    let finite = Checks { finite: true };
+    let finite = Options {
+        finite: true,
+        ..Options::default()
+    };
+    let plain = Options::default();
     // NaN in an input, with --check-finite: the same error naming the input.
-    let jobs = fold(DType::F32);
-    let gpu = emulate(bin, &ckpts, &jobs, Limits::default(), finite).unwrap_err();
-    let cpu = cpu_outputs(&ckpts, &jobs, finite).unwrap_err();
+    let plan = fold(DType::F32);
+    let gpu = emulate(bin, &plan, Limits::default(), finite).unwrap_err();
+    let cpu = cpu_outputs(&plan, finite).unwrap_err();
     assert_eq!(gpu.to_string(), cpu.to_string());
     assert!(gpu.to_string().contains("b.safetensors"), "{gpu}");
     // Without it, NaN passes through.
-    let out = emulate(bin, &ckpts, &jobs, Limits::default(), Checks::default()).unwrap();
+    let out = emulate(bin, &plan, Limits::default(), plain).unwrap();
     assert!(decoded(DType::F32, &out[0])[1].is_nan());
     // 1e5 overflows f16: the CPU path's overflow error.
-    let jobs = fold(DType::F16);
-    let gpu = emulate(bin, &ckpts, &jobs, Limits::default(), Checks::default()).unwrap_err();
-    let cpu = cpu_outputs(&ckpts, &jobs, Checks::default()).unwrap_err();
+    let plan = fold(DType::F16);
+    let gpu = emulate(bin, &plan, Limits::default(), plain).unwrap_err();
+    let cpu = cpu_outputs(&plan, plain).unwrap_err();
     assert_eq!(gpu.to_string(), cpu.to_string());
     assert!(gpu.to_string().contains("overflow"), "{gpu}");
 }

@@ -1,4 +1,4 @@
-//! Element types of checkpoint tensors, their sizes and names in each format.
+//! Element types of checkpoint tensors, their sizes and their names in each format.
 
 use std::fmt;
 
@@ -118,6 +118,22 @@ impl DType {
         DType::ALL.into_iter().find(|d| d.torch_storage() == name)
     }
 
+    /// Parses a PyTorch dtype name: the canonical one of [`DType::torch_name`] or one of its
+    /// aliases (`torch.float`, `torch.double`, `torch.half`, `torch.long`, `torch.int`,
+    /// `torch.short`).
+    pub fn from_torch_name(name: &str) -> Option<DType> {
+        let canonical = match name {
+            "float" => "float32",
+            "double" => "float64",
+            "half" => "float16",
+            "long" => "int64",
+            "int" => "int32",
+            "short" => "int16",
+            n => n,
+        };
+        DType::ALL.into_iter().find(|d| d.torch_name() == canonical)
+    }
+
     /// PyTorch's name for the type (`float32`, `bfloat16`, ...).
     pub fn torch_name(self) -> &'static str {
         match self {
@@ -167,7 +183,15 @@ mod tests {
         for d in DType::ALL {
             assert_eq!(DType::from_safetensors_name(d.safetensors_name()), Some(d));
             assert_eq!(DType::from_torch_storage(d.torch_storage()), Some(d));
+            assert_eq!(DType::from_torch_name(d.torch_name()), Some(d));
         }
+    }
+
+    #[test]
+    fn torch_aliases() {
+        assert_eq!(DType::from_torch_name("float"), Some(DType::F32));
+        assert_eq!(DType::from_torch_name("long"), Some(DType::I64));
+        assert_eq!(DType::from_torch_name("complex64"), None);
     }
 
     #[test]

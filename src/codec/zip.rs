@@ -82,7 +82,7 @@ impl Source<'_> {
 }
 
 /// One entry of the central directory.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entry {
     pub name: String,
     /// General purpose flags (bit 0: encrypted, bit 3: data descriptor follows the data).

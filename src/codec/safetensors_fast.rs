@@ -10,9 +10,9 @@
 
 use std::collections::BTreeMap;
 
+use super::dtype::{nbytes, DType};
 use super::safetensors::{MAX_DIMS, MAX_TENSORS};
 use super::TensorInfo;
-use crate::dtype::{nbytes, DType};
 
 /// The tensors in file order, their `offset` relative to the start of the data, and
 /// `__metadata__` (absent, or `null` or an object of strings).
@@ -207,6 +207,7 @@ impl<'a> Parser<'a> {
             file: 0,
             offset: begin,
             len: end - begin,
+            view: None,
         })
     }
 
@@ -281,11 +282,12 @@ mod tests {
             ),
             meta in proptest::collection::btree_map("\\PC{0,6}", "\\PC{0,6}", 0..3),
         ) {
-            use crate::checkpoint::safetensors::{encode_header, parse_serde, OutTensor};
+            use crate::codec::safetensors::{encode_header, parse_serde};
+            use crate::codec::TensorSpec;
             let dtypes = [DType::F32, DType::BF16, DType::F64, DType::I64];
-            let out: Vec<OutTensor> = tensors
+            let out: Vec<TensorSpec> = tensors
                 .iter()
-                .map(|(name, d, shape)| OutTensor {
+                .map(|(name, d, shape)| TensorSpec {
                     name: name.clone(),
                     dtype: dtypes[*d],
                     shape: shape.clone(),

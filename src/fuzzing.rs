@@ -1,0 +1,17 @@
+//! The entry points of the fuzz targets (`fuzz/fuzz_targets/`) into internals that no other
+//! caller needs. Each runs one parser on arbitrary bytes; none of them is part of the library's
+//! interface.
+
+use crate::error::Result;
+
+/// The restricted pickle machine and the flattening of its object graph, every storage record
+/// taken to exist (target `pickle`). Returns how many tensors the pickle holds.
+pub fn flatten_pickle(bytes: &[u8]) -> Result<usize> {
+    crate::checkpoint::torch::flatten_pickle_bytes(bytes).map(|t| t.len())
+}
+
+/// A whole PyTorch archive held in memory: zip directory, local headers, pickle, storage
+/// records (target `torch_zip`). Returns how many tensors it holds.
+pub fn torch_archive(bytes: &[u8]) -> Result<usize> {
+    crate::checkpoint::torch::parse_archive_bytes(bytes)
+}
