@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of ema-tool's CUDA path: the outputs of `--device cuda` against `--device cpu`
-# on every fixture case and on generated series (SPEC §7 tolerance; it also counts how many
+# on every fixture case and on generated series (the tolerance of docs/accuracy.md; it also counts how many
 # elements are bit-identical, which should be all of them), then the benchmark series on both
 # devices, in GB/s of input and as a ratio to the CPU path. No network; a few minutes at most.
 #

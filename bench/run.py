@@ -20,7 +20,7 @@ falls back to wait4's, which for a child of Python never reads below Python's ow
 Tools: cat (read limit), ema, swa (ema-tool), ema-tmpfs (ema-tool writing to /dev/shm: the
 difference to `ema` is the cost of writing and fsyncing the output on disk), torch
 (bench/torch_ema.py, needs torch and safetensors in --python), ema-pread (ema-tool reading
-every input with pread instead of a mapping: EMA_TOOL_MAPPED_INPUTS=0), timm (timm's
+every input with pread instead of a mapping: --mapped-inputs 0), timm (timm's
 avg_checkpoints.py, when found or given with --timm-script). Then, untimed: ema-tool's
 output with 1 and 3 threads must be the same bytes as with the default, and is compared
 with the PyTorch script's; `ema-tool inspect` is timed on the largest checkpoint.
@@ -152,9 +152,8 @@ def find_timm_script(args):
     )
 
 
-# Environment of the tools that need one: ema-pread reads every input with pread instead of
-# mapping the first ones (the read strategy ema-tool had before, for comparison).
-TOOL_ENV = {"ema-pread": {"EMA_TOOL_MAPPED_INPUTS": "0"}}
+# Environment of the tools that need one (none at present).
+TOOL_ENV = {}
 # --baseline: another ema-tool binary (an earlier build), timed as ema-base.
 BASELINE = None
 
@@ -168,7 +167,9 @@ def commands(tool, ema_tool, python, inputs, outdir, timm_script):
     if tool in ("ema", "swa"):
         return [str(ema_tool), tool, "-q", "-o", str(out), *ins], out
     if tool == "ema-pread":
-        return [str(ema_tool), "ema", "-q", "-o", str(out), *ins], out
+        # Every input read with pread instead of mapping the first ones (the read strategy
+        # ema-tool had before, for comparison).
+        return [str(ema_tool), "ema", "-q", "--mapped-inputs", "0", "-o", str(out), *ins], out
     if tool == "ema-base":
         return [str(BASELINE), "ema", "-q", "-o", str(out), *ins], out
     if tool == "ema-tmpfs":

@@ -1,5 +1,5 @@
 //! Helpers of `bench/gpu-check.sh`: generate checkpoint series, compare two outputs within
-//! SPEC §7's tolerance, and run every fixture case on two devices.
+//! the tolerance of `docs/accuracy.md`, and run every fixture case on two devices.
 //!
 //! ```text
 //! gpu-check gen DIR [--count N] [--tensors T] [--elems E] [--small S] [--dtype f32|bf16|f16|f64]

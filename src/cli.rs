@@ -55,6 +55,8 @@ pub enum Command {
     /// Fold a series of checkpoints into a stochastic weight average (mmengine
     /// StochasticWeightAverage: the mean of the inputs taken every --interval).
     Swa(SwaArgs),
+    // The help text shows names like `state_dict.<n>`, which are no HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     /// Exchange the EMA and raw weights inside a checkpoint, or extract deployable weights.
     ///
     /// Layouts: mmengine (state_dict.<n> / ema_state_dict.module.<n>), mmcv

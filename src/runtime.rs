@@ -56,7 +56,7 @@ impl Runtime {
     /// exits with 128 + the signal number (130 for Ctrl-C).
     ///
     /// The handler is a thread that takes the registry's lock and never gives it back, so a
-    /// commit ([`Temporary::persist`]) either renamed its file before (the target is complete)
+    /// commit ([`Runtime::persist_all`]) either renamed its file before (the target is complete)
     /// or never will (its temporary is removed).
     pub fn remove_temporaries_on_signals(&self) -> std::io::Result<()> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};

@@ -1,4 +1,4 @@
-//! Command-line behaviour (SPEC §6): dry runs, JSON summaries, defaults, quiet runs,
+//! Command-line behaviour (`docs/cli.md`): dry runs, JSON summaries, defaults, quiet runs,
 //! provenance metadata, file permissions.
 
 mod common;

@@ -7,13 +7,13 @@
 mod common;
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_one_line_error, big_inputs, code, entries, stderr, temporaries, with_file_size_limit,
-    Rng,
+    assert_one_line_error, big_inputs, code, entries, missing_prerequisite, stderr, temporaries,
+    with_file_size_limit, Rng, Tmpfs,
 };
 
 /// Three inputs of 8 × 2 MiB f32 tensors, the output of a fold of them (`new`), and a
@@ -221,41 +221,6 @@ fn a_file_size_limit_gives_efbig_and_leaves_nothing() {
     }
 }
 
-/// A tmpfs of `size` mounted on a new directory, unmounted when dropped; `None` (with the
-/// reason printed) where mounting is not allowed.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let o = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match o {
-            Ok(o) if o.status.success() => Some(Tmpfs(dir)),
-            Ok(o) => {
-                eprintln!("skipped: cannot mount a tmpfs: {}", stderr(&o).trim());
-                None
-            }
-            Err(e) => {
-                eprintln!("skipped: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn a_full_disk_gives_enospc_and_leaves_nothing() {
     let s = Setup::new();
@@ -332,7 +297,7 @@ fn an_unwritable_output_directory_is_reported_before_any_input_is_read() {
                 Ok(o) => o,
                 Err(e) => {
                     // The checkout may sit where user nobody cannot reach the binary.
-                    eprintln!("skipped: cannot run the binary as user nobody: {e}");
+                    missing_prerequisite(&format!("running the binary as user nobody ({e})"));
                     return;
                 }
             };

@@ -4,41 +4,18 @@
 //! driver libraries built by the host C compiler check the messages for a driver without
 //! devices, a missing device and a driver that lacks a function.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::{file, gpu_present, stderr, Spec};
 
 fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("ema-tool-cuda-")
         .tempdir()
         .expect("temp dir")
-}
-
-/// Writes a safetensors file of `(name, dtype, shape, bytes)` with a `step`.
-fn write_st(path: &Path, step: u64, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
-    let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::json!({ "step": step.to_string() }),
-    );
-    let mut off = 0;
-    let mut data = Vec::new();
-    for (name, dtype, shape, bytes) in tensors {
-        header.insert(
-            name.to_string(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + bytes.len()]}),
-        );
-        off += bytes.len();
-        data.extend_from_slice(bytes);
-    }
-    let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut file = (h.len() as u64).to_le_bytes().to_vec();
-    file.extend(h);
-    file.extend(data);
-    std::fs::write(path, file).unwrap();
 }
 
 /// Three small checkpoints: f32, bf16 and int64 tensors.
@@ -52,31 +29,25 @@ fn inputs(dir: &Path) -> Vec<PathBuf> {
                 .flat_map(|i| (half::bf16::from_f32(i as f32 / 3.0 - k as f32)).to_le_bytes())
                 .collect();
             let p = dir.join(format!("iter_{}.safetensors", k * 100));
-            write_st(
-                &p,
-                k * 100,
-                &[
-                    ("a.weight", "F32", vec![3, 5], f32s),
-                    ("b.weight", "BF16", vec![7], bf16s),
-                    ("c.steps", "I64", vec![1], (k as i64).to_le_bytes().to_vec()),
-                ],
-            );
+            let step = (k * 100).to_string();
+            let tensors = [
+                Spec("a.weight", "F32", &[3, 5], f32s),
+                Spec("b.weight", "BF16", &[7], bf16s),
+                Spec("c.steps", "I64", &[1], (k as i64).to_le_bytes().to_vec()),
+            ];
+            std::fs::write(&p, file(&tensors, &[("step", &step)])).unwrap();
             p
         })
         .collect()
 }
 
 fn ema_tool(args: &[&str], env: &[(&str, &Path)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ema-tool"));
+    let mut cmd = Command::new(common::bin());
     cmd.args(args).stdin(std::process::Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
     }
     cmd.output().expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Runs `command` on the inputs with `--device device`; returns the outcome and the output path.
@@ -112,6 +83,11 @@ fn assert_clean_cuda_failure(o: &Output, out: &Path) -> String {
     err
 }
 
+/// On a machine with a GPU and a build with the `cuda` feature, `--device cuda` must work.
+fn gpu_required() -> bool {
+    cfg!(feature = "cuda") && gpu_present()
+}
+
 #[test]
 fn device_cuda_fails_cleanly_or_matches_the_cpu() {
     for command in ["ema", "swa"] {
@@ -119,6 +95,11 @@ fn device_cuda_fails_cleanly_or_matches_the_cpu() {
         let (cpu, cpu_out) = fold(dir.path(), command, "cpu", &[]);
         assert!(cpu.status.success(), "{}", stderr(&cpu));
         let (gpu, gpu_out) = fold(dir.path(), command, "cuda", &[]);
+        assert!(
+            gpu.status.success() || !gpu_required(),
+            "{command} --device cuda fails on a machine with a GPU: {}",
+            stderr(&gpu)
+        );
         if gpu.status.success() {
             // A machine with a GPU: the same bytes as the CPU path.
             let (a, b) = (
@@ -187,7 +168,9 @@ CUresult cuGetErrorString(CUresult e, const char** s) {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            eprintln!("note: no working C compiler ({cc}); stand-in driver tests skipped");
+            common::missing_prerequisite(&format!(
+                "a working C compiler ({cc}) for the stand-in driver library"
+            ));
         }
         ok.then_some(lib)
     }

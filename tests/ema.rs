@@ -1,6 +1,6 @@
 //! `ema` and `swa` against the reference implementations: every case of `fixtures/cases.json`
 //! (made by `fixtures/gen.py` with mmengine, the mmcv/mmdet hook code and timm) is run through
-//! the binary and compared within SPEC §7's tolerances.
+//! the binary and compared within the tolerances of `docs/accuracy.md`.
 
 mod common;
 

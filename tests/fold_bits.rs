@@ -6,10 +6,13 @@
 //! block and chunk boundary, special values, with 1, 2, 3 and 8 threads, and with the inputs
 //! mapped, read with `pread`, and both.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
+use common::Rng;
 use ema_tool::checkpoint::{Checkpoint, Open};
 use ema_tool::codec::safetensors::encode_header;
 use ema_tool::codec::{DType, TensorSpec};
@@ -22,28 +25,19 @@ use half::{bf16, f16};
 /// chunks (4 Ki to 64 Ki elements per item).
 const SIZES: [usize; 10] = [1, 7, 16, 511, 513, 4099, 8192, 32769, 65537, 131_075];
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Mostly values of a few magnitudes, with zeros, subnormal-making and special values.
-    fn value(&mut self) -> f64 {
-        let r = self.next();
-        let mant = (r >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
-        match r % 64 {
-            0 => 0.0,
-            1 => -0.0,
-            2 => mant * 1e-39, // bf16/f32 subnormal territory after weighting
-            3 => mant * 3e-7,  // f16 subnormals
-            4 => mant * 6e4,   // near f16's largest
-            5 => 1.0 + 2f64.powi(-8), // bf16 tie
-            6 => 1.0 + 2f64.powi(-11), // f16 tie
-            _ => mant * [1.0, 0.01, 30.0][(r % 3) as usize],
-        }
+/// Mostly values of a few magnitudes, with zeros, subnormal-making and special values.
+fn value(rng: &mut Rng) -> f64 {
+    let r = rng.next();
+    let mant = (r >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+    match r % 64 {
+        0 => 0.0,
+        1 => -0.0,
+        2 => mant * 1e-39,         // bf16/f32 subnormal territory after weighting
+        3 => mant * 3e-7,          // f16 subnormals
+        4 => mant * 6e4,           // near f16's largest
+        5 => 1.0 + 2f64.powi(-8),  // bf16 tie
+        6 => 1.0 + 2f64.powi(-11), // f16 tie
+        _ => mant * [1.0, 0.01, 30.0][(r % 3) as usize],
     }
 }
 
@@ -102,7 +96,7 @@ fn encode(dtype: DType, a: f64) -> Vec<u8> {
 /// Writes `count` checkpoints holding one tensor per entry of `SIZES`, checkpoint `k` in
 /// `dtypes[k % dtypes.len()]`.
 fn write_series(dir: &Path, count: usize, dtypes: &[DType], seed: u64) -> Vec<Checkpoint> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded(seed);
     (0..count)
         .map(|k| {
             let dtype = dtypes[k % dtypes.len()];
@@ -117,7 +111,7 @@ fn write_series(dir: &Path, count: usize, dtypes: &[DType], seed: u64) -> Vec<Ch
             let (mut bytes, _) = encode_header(&tensors, &BTreeMap::new());
             for &n in &SIZES {
                 for _ in 0..n {
-                    let v = rng.value();
+                    let v = value(&mut rng);
                     match dtype {
                         DType::F8E4M3 | DType::F8E5M2 => {
                             // Every finite code.

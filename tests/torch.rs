@@ -1,26 +1,21 @@
 //! PyTorch checkpoints end to end: the binary on the fixtures of `fixtures/gen_torch.py`
 //! (made by real mmengine, timm and torch runs), outputs in a temporary directory.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::run_in;
 use ema_tool::checkpoint::{Checkpoint, Open};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/torch")
+    common::fixtures().join("torch")
 }
 
 fn fx(rel: &str) -> String {
     fixtures().join(rel).to_string_lossy().into_owned()
-}
-
-fn run_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ema-tool"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the binary runs")
 }
 
 fn run(args: &[&str]) -> Output {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{big_inputs, code, stderr, temporaries, Rng};
+use common::{big_inputs, code, stderr, temporaries, Rng, Tmpfs};
 
 const FAULTS: [&str; 10] = [
     "none",
@@ -29,14 +29,6 @@ const FAULTS: [&str; 10] = [
     "input-truncated",
     "input-rewritten",
 ];
-
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
 
 #[test]
 #[ignore = "long: run with bench/torture.sh"]
@@ -85,19 +77,12 @@ fn torture() {
     let new = std::fs::read(&target).unwrap();
 
     // A tmpfs holding the previous file with room for less than half the new one.
-    let full = dir.path().join("full");
-    std::fs::create_dir_all(&full).unwrap();
     let size = prev.len() + new.len() / 2;
-    let tmpfs = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(&full)
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|_| Tmpfs(full.clone()));
-    if tmpfs.is_none() {
-        eprintln!("torture: cannot mount a tmpfs; the full-disk fault is skipped");
-    }
+    let tmpfs = Tmpfs::mount(&size.to_string());
+    let full = tmpfs
+        .as_ref()
+        .map(|t| t.path().to_path_buf())
+        .unwrap_or_default();
 
     let mut tally: BTreeMap<&str, BTreeMap<String, usize>> = BTreeMap::new();
     let (mut intact, mut left_by_sigkill) = (0, 0);

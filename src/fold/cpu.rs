@@ -19,12 +19,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::kernels::{fold_into, BLOCK};
-use super::{non_finite_error, Job, Kind, Options, Piece, Progress, Work};
+use super::{non_finite_error, Job, Kind, Piece, Work};
 use crate::checkpoint::mapped::Mapped;
 use crate::codec::convert::{count_non_finite, count_overflow, decode};
 use crate::codec::DType;
 use crate::error::{Error, Result};
-use crate::runtime::Runtime;
 
 /// Input bytes per work item, all inputs together: small enough that the output range stays
 /// in L2 and that both cores get work on small models, large enough that the per-item costs
@@ -79,20 +78,14 @@ fn items(jobs: &[Job]) -> Vec<Item> {
 }
 
 /// Makes the tensors of `jobs` (jobs of `work`) on the CPU, on every thread of the current
-/// rayon pool, reading the first `opts.mapped_inputs` inputs through a mapping (guarded by
-/// `rt`) and the others with `pread`.
+/// rayon pool, reading the first `work.opts.mapped_inputs` inputs through a mapping (guarded
+/// by the runtime) and the others with `pread`.
 ///
 /// On failure, returns the error of the first failing item in job order (items are taken in
 /// order, so every item before it was run).
-pub fn execute(
-    work: &Work,
-    jobs: &[Job],
-    opts: Options,
-    progress: &Progress,
-    rt: &Runtime,
-) -> Result<()> {
+pub fn execute(work: &Work, jobs: &[Job]) -> Result<()> {
     let items = items(jobs);
-    let mapped = Mapped::new(work.inputs, opts.mapped_inputs, rt)?;
+    let mapped = Mapped::new(work.inputs, work.opts.mapped_inputs, work.rt)?;
     let release = Release::new(items.iter().map(|it| input_bytes(&jobs[it.job], *it)));
     let writes = Writes::new(work);
     let next = AtomicUsize::new(0);
@@ -103,7 +96,6 @@ pub fn execute(
             work,
             mapped: &mapped,
             writes: &writes,
-            opts,
         };
         let advance = || release.advance(|from, to| release_items(jobs, &items[from..to], &mapped));
         let mut failure = None;
@@ -124,7 +116,7 @@ pub fn execute(
                 failed.store(true, Ordering::Relaxed);
                 break;
             }
-            progress.add(input_bytes(job, *item));
+            work.progress.add(input_bytes(job, *item));
             // Done before its output is written: its input may be released, and the other
             // worker may run ahead, while this one writes.
             release.done(i);
@@ -377,7 +369,6 @@ struct Ctx<'a> {
     /// The inputs that are mapped.
     mapped: &'a Mapped,
     writes: &'a Writes<'a>,
-    opts: Options,
 }
 
 /// Per-worker scratch space, reused across items.
@@ -452,7 +443,7 @@ fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratc
     let (sources, weights): (&[Piece], &[f64]) = match &job.kind {
         Kind::Fold { sources, weights } => (sources, weights),
         Kind::Copy(source) => {
-            if source.dtype == job.dtype && !(ctx.opts.finite && source.dtype.is_float()) {
+            if source.dtype == job.dtype && !(ctx.work.opts.finite && source.dtype.is_float()) {
                 // A plain copy: the bytes as they are.
                 let bytes = ctx.inputs(std::slice::from_ref(source), item, &mut scratch.raw)?;
                 return ctx.write_everywhere(
@@ -483,7 +474,7 @@ fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratc
     let (mut nan, mut inf, mut overflow) = (0, 0, 0);
     let mut refs: Vec<&mut [u8]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
     fold_into(dtypes, weights, &inputs, out_dtype, &mut refs, |_, acc| {
-        if ctx.opts.finite {
+        if ctx.work.opts.finite {
             let (n, i) = count_non_finite(acc);
             nan += n;
             inf += i;

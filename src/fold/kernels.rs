@@ -223,17 +223,13 @@ fn fold_block_mixed(
 mod tests {
     use super::*;
     use crate::codec::convert::encode;
+    use crate::testing::Rng;
 
     #[test]
     fn every_compiled_copy_of_the_fold_gives_the_same_bits() {
         // fold_into runs the AVX2 copy where the CPU has it; the baseline copy must agree.
-        let mut state = 7u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = Rng::new(7);
+        let mut next = || rng.next();
         for dtype in [
             DType::F32,
             DType::BF16,
@@ -298,13 +294,8 @@ mod tests {
     #[test]
     fn several_outputs_are_each_the_fold_of_their_own_weights() {
         let n = 1300;
-        let mut state = 11u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        };
+        let mut rng = Rng::new(11);
+        let mut next = || rng.float(0.5);
         for dtypes in [
             vec![DType::F32; 3],
             vec![DType::BF16, DType::F32, DType::F16],

@@ -143,10 +143,10 @@ pub fn execute(
         c.check_readable()?;
         c.check_unchanged()?;
     }
-    let work = Work::of(plan, sinks);
+    let work = Work::of(plan, sinks, opts, progress, rt);
     let result = match device {
-        Device::Cpu => cpu::execute(&work, &work.jobs, opts, progress, rt),
-        Device::Cuda(n) => cuda::execute(n, &work, opts, progress, rt),
+        Device::Cpu => cpu::execute(&work, &work.jobs),
+        Device::Cuda(n) => cuda::execute(n, &work),
     };
     progress.finish();
     result?;
@@ -158,11 +158,15 @@ pub fn execute(
     Ok(())
 }
 
-/// A plan as the executors run it: every output tensor as a [`Job`], and the sinks.
+/// A plan as the executors run it: every output tensor as a [`Job`], the sinks, and how to
+/// run.
 pub struct Work<'p> {
     pub inputs: &'p [Checkpoint],
     pub jobs: Vec<Job<'p>>,
     pub sinks: &'p [&'p dyn Sink],
+    pub opts: Options,
+    pub progress: &'p Progress,
+    pub rt: &'p Runtime,
 }
 
 /// One output tensor to make.
@@ -217,7 +221,13 @@ impl Piece<'_> {
 
 impl<'p> Work<'p> {
     /// The jobs of `plan`, in tensor order.
-    pub fn of(plan: &'p Plan, sinks: &'p [&'p dyn Sink]) -> Work<'p> {
+    pub fn of(
+        plan: &'p Plan,
+        sinks: &'p [&'p dyn Sink],
+        opts: Options,
+        progress: &'p Progress,
+        rt: &'p Runtime,
+    ) -> Work<'p> {
         let piece = |s: Src| {
             let t = plan.tensor_info(s);
             Piece {
@@ -262,6 +272,9 @@ impl<'p> Work<'p> {
             inputs: &plan.inputs,
             jobs,
             sinks,
+            opts,
+            progress,
+            rt,
         }
     }
 

@@ -11,10 +11,9 @@
 
 use rayon::prelude::*;
 
-use super::{cpu, Job, Kind, Options, Piece, Progress, Sink, Work};
+use super::{cpu, Job, Kind, Piece, Progress, Sink, Work};
 use crate::codec::DType;
 use crate::error::{Error, Result};
-use crate::runtime::Runtime;
 
 /// The CUDA C source of the kernels.
 pub const KERNELS: &str = include_str!("cuda/kernels.cu");
@@ -260,14 +259,7 @@ impl Batch {
     /// The error for a batch whose kernels counted NaN/Inf (`--check-finite`) or overflow:
     /// the CPU path runs the batch's jobs again, and names the input or the output, exactly as
     /// it does on the CPU.
-    pub fn error_from_cpu(
-        &self,
-        work: &Work,
-        jobs: &[Job],
-        opts: Options,
-        counts: [u32; 2],
-        rt: &Runtime,
-    ) -> Error {
+    pub fn error_from_cpu(&self, work: &Work, jobs: &[Job], counts: [u32; 2]) -> Error {
         let mut sub: Vec<Job> = Vec::new();
         let mut last = None;
         for seg in &self.segments {
@@ -277,12 +269,16 @@ impl Batch {
             }
         }
         let sinks: Vec<&dyn Sink> = vec![&Discard; work.outputs()];
-        let discard = Work {
+        let quiet = Progress::default();
+        let again = Work {
             inputs: work.inputs,
             jobs: Vec::new(),
             sinks: &sinks,
+            opts: work.opts,
+            progress: &quiet,
+            rt: work.rt,
         };
-        match cpu::execute(&discard, &sub, opts, &Progress::default(), rt) {
+        match cpu::execute(&again, &sub) {
             Err(e) => e,
             Ok(()) => Error::Cuda(format!(
                 "the device counted {} non-finite and {} overflowing values that the CPU path \

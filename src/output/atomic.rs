@@ -109,7 +109,7 @@ impl AtomicFile {
 
     /// Writes `bytes` at `off` of the temporary file.
     ///
-    /// Every [`WRITEBACK_BYTES`], asks the kernel to start writing the file's dirty pages to
+    /// Every `WRITEBACK_BYTES`, asks the kernel to start writing the file's dirty pages to
     /// disk (`sync_file_range`, which does not wait): the disk writes while the fold goes on,
     /// and the `fsync` of [`commit`](AtomicFile::commit) finds less left to do.
     pub fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: run the built binary, read safetensors files with
-//! the reference `safetensors` crate, compare values within SPEC §7's tolerances; build
+//! the reference `safetensors` crate, compare values within the tolerances of `docs/accuracy.md`; build
 //! (broken) safetensors files byte by byte, check that a directory holds nothing it should not.
 
 #![allow(dead_code)]
@@ -10,9 +10,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The repository's root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// The fixtures directory.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    root().join("fixtures")
 }
 
 /// The binary under test.
@@ -28,6 +33,20 @@ where
 {
     Command::new(env!("CARGO_BIN_EXE_ema-tool"))
         .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the binary runs")
+}
+
+/// Runs `ema-tool` with `args` in directory `dir`; stdin is closed.
+pub fn run_in<I, S>(dir: &Path, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_ema-tool"))
+        .args(args)
+        .current_dir(dir)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("the binary runs")
@@ -167,7 +186,7 @@ fn ulp(x: f64, mant: i32, emin: i32) -> f64 {
 }
 
 /// Checks `got` (output of dtype `dtype`) against `want` (expected values computed in f32):
-/// f32/f64 within rtol 1e-5 / atol 1e-6, bf16/f16 within one ulp (SPEC §7). Returns a
+/// f32/f64 within rtol 1e-5 / atol 1e-6, bf16/f16 within one ulp (`docs/accuracy.md`). Returns a
 /// description of the first failure.
 pub fn close(name: &str, dtype: &str, got: &[f64], want: &[f64]) -> Result<(), String> {
     if got.len() != want.len() {
@@ -275,11 +294,12 @@ pub fn assert_one_line_error(stderr: &str, fragment: &str, context: &str) {
     );
 }
 
-/// A deterministic pseudo-random sequence (xorshift64*), seeded from `EMA_TOOL_SEED` or the
-/// clock; the seed is printed so that a failure can be replayed.
+/// A deterministic pseudo-random sequence (xorshift64*): the one generator of the tests.
 pub struct Rng(u64);
 
 impl Rng {
+    /// Seeded from `EMA_TOOL_SEED` or the clock; the seed is printed so that a failure can be
+    /// replayed.
     pub fn new(what: &str) -> Rng {
         let seed = std::env::var("EMA_TOOL_SEED")
             .ok()
@@ -292,6 +312,11 @@ impl Rng {
             });
         eprintln!("{what}: EMA_TOOL_SEED={seed}");
         Rng(seed | 1)
+    }
+
+    /// Seeded with `seed`: the same sequence on every run.
+    pub fn seeded(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
     pub fn next(&mut self) -> u64 {
@@ -308,6 +333,73 @@ impl Rng {
         } else {
             self.next() % n
         }
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+}
+
+/// Whether missing prerequisites fail the tests that need them (`EMA_TOOL_TEST_STRICT=1`, as
+/// CI runs them) instead of being skipped with a note.
+pub fn strict() -> bool {
+    std::env::var_os("EMA_TOOL_TEST_STRICT").is_some_and(|v| v == "1")
+}
+
+/// Says that a test cannot check what it is for because `what` is missing here: a note, or
+/// under [`strict`], a failure.
+pub fn missing_prerequisite(what: &str) {
+    assert!(
+        !strict(),
+        "EMA_TOOL_TEST_STRICT=1 and this test needs {what}"
+    );
+    eprintln!("note: skipped, this machine lacks {what} (EMA_TOOL_TEST_STRICT=1 fails instead)");
+}
+
+/// Whether this machine has an NVIDIA GPU that its driver reports (`nvidia-smi -L`).
+pub fn gpu_present() -> bool {
+    Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("GPU"))
+}
+
+/// A tmpfs of `size` (`4m`) mounted on a new directory, unmounted when dropped; `None`, through
+/// [`missing_prerequisite`], where mounting is not allowed.
+pub struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match o {
+            Ok(o) if o.status.success() => Some(Tmpfs(dir)),
+            Ok(o) => {
+                missing_prerequisite(&format!(
+                    "the right to mount a tmpfs ({})",
+                    stderr(&o).trim()
+                ));
+                None
+            }
+            Err(e) => {
+                missing_prerequisite(&format!("mount ({e})"));
+                None
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
     }
 }
 

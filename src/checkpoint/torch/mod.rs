@@ -1,12 +1,12 @@
 //! PyTorch zip checkpoints (`torch.save` since 1.6: `.pth`, `.pt`, `.bin`, `.ckpt`,
 //! `.pth.tar`), read without running anything in them (`docs/formats.md#pytorch`):
 //!
-//! - [`archive`]: the zip directory checked, `data.pkl` run through the restricted pickle
+//! - `archive`: the zip directory checked, `data.pkl` run through the restricted pickle
 //!   machine of `codec::pickle`, every storage located in its stored `data/<key>` record;
-//! - [`flatten`]: the object graph flattened into the flat namespace, plain values kept as
+//! - `flatten`: the object graph flattened into the flat namespace, plain values kept as
 //!   metadata, other objects listed as skipped;
-//! - [`rebuild`]: torch's tensor rebuild calls recognised as views of storage records;
-//! - [`views`]: the geometry of those views, and the gathering of a non-contiguous one.
+//! - `rebuild`: torch's tensor rebuild calls recognised as views of storage records;
+//! - `views`: the geometry of those views, and the gathering of a non-contiguous one.
 //!
 //! Nothing is imported or called. A tensor whose elements are not one contiguous run of its
 //! storage is gathered into an anonymous temporary file when the checkpoint is opened
@@ -36,7 +36,7 @@ pub const MAX_PICKLE: u64 = 512 << 20;
 pub const MAX_DEPTH: usize = 256;
 /// Most values visited while flattening: a value reachable by several paths is visited once per
 /// path, so a small pickle of shared sub-graphs could otherwise describe 2^40 of them. The
-/// count is computed before walking ([`tree_size`]).
+/// count is computed before walking (`flatten::tree_size`).
 pub const MAX_VISITS: usize = 1 << 20;
 /// Most bytes of flat names and metadata text produced.
 pub const MAX_TEXT: usize = 128 << 20;

@@ -40,7 +40,9 @@ impl HostBuf {
     /// or to it may be in flight.
     #[allow(clippy::mut_from_ref)] // the pipeline, not the borrow checker, makes it exclusive
     pub unsafe fn bytes_mut(&self) -> &mut [u8] {
-        std::slice::from_raw_parts_mut(self.ptr, self.len)
+        // SAFETY: `ptr` points at `len` bytes of pinned memory owned by `_mem`, alive as long as
+        // `self`; the caller guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
     /// The bytes, to read or to copy to the device.
@@ -49,7 +51,8 @@ impl HostBuf {
     /// While the slice lives, nothing may write the buffer (no [`HostBuf::bytes_mut`] slice, no
     /// copy from the device into it).
     pub unsafe fn bytes(&self) -> &[u8] {
-        std::slice::from_raw_parts(self.ptr, self.len)
+        // SAFETY: as in `bytes_mut`; the caller guarantees that nothing writes meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
 

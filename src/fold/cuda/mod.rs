@@ -1,9 +1,9 @@
 //! The CUDA executor: fold jobs stream through pinned staging buffers into fused kernels that
 //! NVRTC compiles at run time; copy jobs run on the CPU path.
 //!
-//! - [`device`]: the driver, the device and the kernels (NVRTC);
-//! - [`memory`]: the pinned and device buffers and the events that order their use;
-//! - [`pipeline`]: the threads and streams that move every batch through them.
+//! - `device`: the driver, the device and the kernels (NVRTC);
+//! - `memory`: the pinned and device buffers and the events that order their use;
+//! - `pipeline`: the threads and streams that move every batch through them.
 //!
 //! cudarc loads `libcuda` and `libnvrtc` only when first used (its `dynamic-loading` feature),
 //! so this module builds without a CUDA toolkit, the binary starts on machines without CUDA,
@@ -36,9 +36,8 @@ use std::sync::Mutex;
 
 use cudarc::driver::DriverError;
 
-use super::{cpu, Job, Kind, Options, Progress, Work};
+use super::{cpu, Job, Kind, Work};
 use crate::error::{Error, Result};
-use crate::runtime::Runtime;
 use device::Gpu;
 
 /// Pieces in flight: pinned staging buffers, and as many device input buffers.
@@ -50,20 +49,14 @@ pub fn check_device(device: usize) -> Result<()> {
 }
 
 /// Runs the fold jobs of `work` on device `device` and its copy jobs on the CPU.
-pub fn execute(
-    device: usize,
-    work: &Work,
-    opts: Options,
-    progress: &Progress,
-    rt: &Runtime,
-) -> Result<()> {
+pub fn execute(device: usize, work: &Work) -> Result<()> {
     let (copies, folds): (Vec<Job>, Vec<Job>) = work
         .jobs
         .iter()
         .cloned()
         .partition(|j| matches!(j.kind, Kind::Copy(_)));
     if !copies.is_empty() {
-        cpu::execute(work, &copies, opts, progress, rt)?;
+        cpu::execute(work, &copies)?;
     }
     if folds.is_empty() {
         return Ok(());
@@ -74,7 +67,7 @@ pub fn execute(
             work.outputs()
         )));
     }
-    guarded(|| pipeline::fold(&Gpu::open(device)?, work, &folds, opts, progress, rt))
+    guarded(|| pipeline::fold(&Gpu::open(device)?, work, &folds))
 }
 
 /// Runs `f`, turning a panic into an error: cudarc panics where a library or one of its

@@ -12,18 +12,10 @@ use super::memory::{Events, Idle, Memory, Sizes};
 use super::{Describe, SLOTS};
 use crate::error::{Error, Result};
 use crate::fold::packing::{self, Batch, Limits, OUT_HEADER};
-use crate::fold::{Job, Options, Progress, Work};
-use crate::runtime::Runtime;
+use crate::fold::{Job, Progress, Work};
 
 /// Runs the fold jobs `jobs` of `work` (one output) on `gpu`.
-pub(super) fn fold(
-    gpu: &Gpu,
-    work: &Work,
-    jobs: &[Job],
-    opts: Options,
-    progress: &Progress,
-    rt: &Runtime,
-) -> Result<()> {
+pub(super) fn fold(gpu: &Gpu, work: &Work, jobs: &[Job]) -> Result<()> {
     let batches = packing::plan(jobs, Limits::default());
     if batches.is_empty() {
         return Ok(());
@@ -84,10 +76,10 @@ pub(super) fn fold(
     };
     std::thread::scope(|s| {
         let (done, written) = mpsc::channel();
-        s.spawn(|| run.produce(&pieces, progress));
-        s.spawn(|| run.write(written, opts, rt));
+        s.spawn(|| run.produce(&pieces, work.progress));
+        s.spawn(|| run.write(written));
         let _stop = StopOnDrop(&flow);
-        run.issue(&streams, &kernels, opts, done)
+        run.issue(&streams, &kernels, done)
     })
 }
 
@@ -248,19 +240,13 @@ impl Run<'_> {
 
     /// The issuing thread: queues copies and kernels for every piece and hands each batch to
     /// the writer once its output's copy is queued.
-    fn issue(
-        &self,
-        streams: &Streams,
-        kernels: &Kernels,
-        opts: Options,
-        done: Sender<usize>,
-    ) -> Result<()> {
+    fn issue(&self, streams: &Streams, kernels: &Kernels, done: Sender<usize>) -> Result<()> {
         let (mem, ev) = (self.mem, self.events);
         let ptr = |s: &CudaSlice<u8>| s.device_ptr(&streams.compute).0;
         let raw: Vec<u64> = mem.raw.iter().map(ptr).collect();
         let out: Vec<u64> = mem.out.iter().map(ptr).collect();
         let acc = mem.acc.device_ptr(&streams.compute).0;
-        let finite = u32::from(opts.finite);
+        let finite = u32::from(self.work.opts.finite);
         let mut p = 0;
         for (b, batch) in self.batches.iter().enumerate() {
             let side = b % 2;
@@ -348,13 +334,13 @@ impl Run<'_> {
     }
 
     /// The writer: writes each batch handed over by the issuing thread, in order.
-    fn write(&self, batches: Receiver<usize>, opts: Options, rt: &Runtime) {
+    fn write(&self, batches: Receiver<usize>) {
         let _gone = GoneOnDrop(self.flow, true);
         for b in batches {
             if self.flow.lock().stopped {
                 return;
             }
-            match self.finish(b, opts, rt) {
+            match self.finish(b) {
                 Ok(()) => self.flow.update(|st| st.written = b + 1),
                 Err(e) => {
                     self.flow.update(|st| st.error = Some(e));
@@ -366,7 +352,7 @@ impl Run<'_> {
 
     /// Waits for batch `b`'s output and writes it to the sink, or fails as the CPU path would
     /// when the kernels counted NaN/Inf or overflow.
-    fn finish(&self, b: usize, opts: Options, rt: &Runtime) -> Result<()> {
+    fn finish(&self, b: usize) -> Result<()> {
         let side = b % 2;
         let batch = &self.batches[b];
         self.events.downloaded[side]
@@ -377,7 +363,7 @@ impl Run<'_> {
         let out = unsafe { self.mem.out_host[side].bytes() };
         let counts = packing::out_counts(out);
         if counts != [0, 0] {
-            return Err(batch.error_from_cpu(self.work, self.jobs, opts, counts, rt));
+            return Err(batch.error_from_cpu(self.work, self.jobs, counts));
         }
         let end = OUT_HEADER + batch.out_bytes as usize;
         batch.write_out(self.jobs, &out[OUT_HEADER..end], self.work.sinks[0])

@@ -2,8 +2,7 @@
 //! need `#[cfg]` (the pattern of candle-core's `dummy_cuda_backend`).
 
 use crate::error::{Error, Result};
-use crate::fold::{Options, Progress, Work};
-use crate::runtime::Runtime;
+use crate::fold::Work;
 
 /// The error of every call: this build has no CUDA support.
 fn not_built() -> Error {
@@ -13,13 +12,7 @@ fn not_built() -> Error {
 }
 
 /// Always fails: this build has no CUDA support.
-pub fn execute(
-    _device: usize,
-    _work: &Work,
-    _opts: Options,
-    _progress: &Progress,
-    _rt: &Runtime,
-) -> Result<()> {
+pub fn execute(_device: usize, _work: &Work) -> Result<()> {
     Err(not_built())
 }
 

@@ -15,8 +15,10 @@ use crate::checkpoint::{Checkpoint, Open};
 use crate::codec::convert;
 use crate::codec::safetensors::encode_header;
 use crate::codec::TensorSpec;
+use crate::fold::{Options, Progress};
 use crate::plan::{Make, Order, Output, Plan, Src, Tensor};
-use crate::testing::missing_prerequisite;
+use crate::runtime::Runtime;
+use crate::testing::{missing_prerequisite, Rng};
 
 /// The launches of the kernels, emulated one block and one thread at a time.
 const DRIVER: &str = r#"
@@ -179,21 +181,6 @@ fn tmp() -> tempfile::TempDir {
         .expect("temp dir")
 }
 
-/// Deterministic pseudo-random numbers (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in [-scale, scale).
-    fn float(&mut self, scale: f64) -> f64 {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
-    }
-}
-
 fn encode_vals(dtype: DType, vals: &[f64]) -> Vec<u8> {
     let mut out = vec![0u8; vals.len() * dtype.size()];
     convert::encode(dtype, vals, &mut out);
@@ -244,7 +231,8 @@ fn emulate(bin: &Path, plan: &Plan, limits: Limits, opts: Options) -> Result<Vec
     let dir = tmp();
     let sink = MemSink::new(plan);
     let sinks: [&dyn Sink; 1] = [&sink];
-    let work = Work::of(plan, &sinks);
+    let (progress, rt) = (Progress::default(), Runtime::new());
+    let work = Work::of(plan, &sinks, opts, &progress, &rt);
     let jobs = &work.jobs;
     for batch in super::plan(jobs, limits) {
         let size = (0..batch.pieces)
@@ -274,7 +262,7 @@ fn emulate(bin: &Path, plan: &Plan, limits: Limits, opts: Options) -> Result<Vec
         let out = std::fs::read(dir.path().join("out")).unwrap();
         let counts = out_counts(&out);
         if counts != [0, 0] {
-            return Err(batch.error_from_cpu(&work, jobs, opts, counts, &Runtime::new()));
+            return Err(batch.error_from_cpu(&work, jobs, counts));
         }
         batch.write_out(jobs, &out[OUT_HEADER..], &sink)?;
     }
@@ -285,14 +273,9 @@ fn emulate(bin: &Path, plan: &Plan, limits: Limits, opts: Options) -> Result<Vec
 fn cpu_outputs(plan: &Plan, opts: Options) -> Result<Vec<Vec<u8>>> {
     let sink = MemSink::new(plan);
     let sinks: [&dyn Sink; 1] = [&sink];
-    let work = Work::of(plan, &sinks);
-    cpu::execute(
-        &work,
-        &work.jobs,
-        opts,
-        &Progress::default(),
-        &Runtime::new(),
-    )?;
+    let (progress, rt) = (Progress::default(), Runtime::new());
+    let work = Work::of(plan, &sinks, opts, &progress, &rt);
+    cpu::execute(&work, &work.jobs)?;
     drop(work);
     Ok(sink.into_inner())
 }
@@ -458,7 +441,7 @@ fn kernels_are_valid_cpp() {
 /// Three checkpoints holding every float dtype, mixed dtypes in one tensor, a tensor larger
 /// than the test batches, an empty tensor and a scalar.
 fn fixture(dir: &Path) -> Vec<Checkpoint> {
-    let mut rng = Rng(0x5eed);
+    let mut rng = Rng::new(0x5eed);
     let mut paths = Vec::new();
     let mixed = [DType::F32, DType::BF16, DType::F16];
     let f8s = [DType::F8E4M3, DType::F8E5M2, DType::F8E4M3];
@@ -537,7 +520,8 @@ fn plan_covers_every_element_once_within_limits() {
     let dir = tmp();
     let plan = fixture_plan(fixture(dir.path()));
     let sinks: [&dyn Sink; 1] = [&Discard];
-    let work = Work::of(&plan, &sinks);
+    let (progress, rt) = (Progress::default(), Runtime::new());
+    let work = Work::of(&plan, &sinks, Options::default(), &progress, &rt);
     let jobs = &work.jobs;
     for limits in [
         Limits::default(),
@@ -719,7 +703,7 @@ fn codec_values() -> Vec<f64> {
     for d in [DType::F8E4M3, DType::F8E5M2] {
         neighbours(decoded(d, &(0..0x7fu8).collect::<Vec<_>>()));
     }
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     for _ in 0..20000 {
         let e = (rng.next() % 300) as i32 - 150;
         v.push(rng.float(1.0) * 2f64.powi(e));
@@ -757,7 +741,7 @@ fn emulated_encoders_match_the_cpu_encoders() {
 fn emulated_decoders_match_the_cpu_decoders() {
     let Some(bin) = emulator() else { return };
     let dir = tmp();
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     for d in FLOATS {
         let raw: Vec<u8> = match d.size() {
             1 => (0..=255u8).collect(),

@@ -1,0 +1,163 @@
+//! The layers of `ARCHITECTURE.md`, checked against the code: every `crate::` path in `src/`
+//! points from a top-level module to one in a lower layer (so there is no cycle between
+//! modules), every module is in a layer, and the graph printed in `ARCHITECTURE.md` is the
+//! one the code has (`EMA_TOOL_UPDATE_DOCS=1 cargo test --test architecture` rewrites it).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// The layers, bottom up. A module may use modules of lower layers only.
+const LAYERS: &[&[&str]] = &[
+    &["text"],
+    &["error"],
+    &["codec", "runtime"],
+    &["checkpoint"],
+    &["layout", "output", "schedule"],
+    &["plan"],
+    &["fold"],
+    &["cli"],
+    &["cmd", "docs", "fuzzing"],
+];
+
+/// Files that are not part of the graph: the crate roots and test-only modules.
+const OUTSIDE: &[&str] = &["lib", "main", "testing"];
+
+fn layer_of(module: &str) -> Option<usize> {
+    LAYERS.iter().position(|l| l.contains(&module))
+}
+
+/// `text` without comments, string contents and `#[cfg(test)]` modules: what names the
+/// code's dependencies.
+fn code_of(text: &str) -> String {
+    let text = text.split("#[cfg(test)]").next().unwrap_or("");
+    text.lines()
+        .map(|l| match l.find("//") {
+            Some(i) => &l[..i],
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Top-level module → the top-level modules its files name with `crate::`.
+fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut stack = vec![src.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if p.extension().map_or(true, |x| x != "rs") || p.file_name().unwrap() == "tests.rs" {
+                continue;
+            }
+            let rel = p.strip_prefix(src).unwrap();
+            let first = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy();
+            let top = first.trim_end_matches(".rs").to_string();
+            if OUTSIDE.contains(&top.as_str()) {
+                continue;
+            }
+            let code = code_of(&std::fs::read_to_string(&p).unwrap());
+            let entry = edges.entry(top.clone()).or_default();
+            for (i, _) in code.match_indices("crate::") {
+                let before = code[..i].chars().next_back();
+                if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                    continue; // `$crate::` or part of another path
+                }
+                let name: String = code[i + 7..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != top {
+                    entry.insert(name);
+                }
+            }
+        }
+    }
+    edges
+}
+
+/// The graph as `ARCHITECTURE.md` prints it: the layers from the top, each module with what
+/// it uses.
+fn render(edges: &BTreeMap<String, BTreeSet<String>>) -> String {
+    let mut out = String::new();
+    for (i, layer) in LAYERS.iter().enumerate().rev() {
+        for m in layer.iter() {
+            let uses: Vec<&str> = edges
+                .get(*m)
+                .map(|s| s.iter().map(String::as_str).collect())
+                .unwrap_or_default();
+            let uses = if uses.is_empty() {
+                "(nothing)".to_string()
+            } else {
+                uses.join(", ")
+            };
+            out.push_str(&format!("{i}  {m:<11} -> {uses}\n"));
+        }
+    }
+    out
+}
+
+#[test]
+fn dependencies_point_down_the_layers() {
+    let root = common::root();
+    let edges = graph(&root.join("src"));
+    let mut wrong = Vec::new();
+    for (from, tos) in &edges {
+        let Some(lf) = layer_of(from) else {
+            wrong.push(format!("module `{from}` is in no layer of LAYERS"));
+            continue;
+        };
+        for to in tos {
+            match layer_of(to) {
+                None => wrong.push(format!("`{from}` uses `{to}`, which is in no layer")),
+                Some(lt) if lt >= lf => wrong.push(format!(
+                    "`{from}` (layer {lf}) uses `{to}` (layer {lt}): dependencies point down"
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // Every module of every layer exists: a stale name hides nothing.
+    for m in LAYERS.iter().flat_map(|l| l.iter()) {
+        assert!(
+            edges.contains_key(*m),
+            "LAYERS names `{m}`, which src/ lacks"
+        );
+    }
+}
+
+#[test]
+fn architecture_md_shows_the_graph_of_the_code() {
+    const BEGIN: &str = "<!-- layers: generated by tests/architecture.rs -->\n```text\n";
+    const END: &str = "```\n<!-- /layers -->";
+    let root = common::root();
+    let path = root.join("ARCHITECTURE.md");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (start, end) = match (text.find(BEGIN), text.find(END)) {
+        (Some(s), Some(e)) if s < e => (s + BEGIN.len(), e),
+        _ => panic!("ARCHITECTURE.md lacks the generated block ({BEGIN:?} … {END:?})"),
+    };
+    let want = render(&graph(&root.join("src")));
+    if text[start..end] != want {
+        if std::env::var_os("EMA_TOOL_UPDATE_DOCS").is_some() {
+            let new = format!("{}{want}{}", &text[..start], &text[end..]);
+            std::fs::write(&path, new).unwrap();
+            return;
+        }
+        panic!(
+            "the layer graph in ARCHITECTURE.md is not the code's; run \
+             EMA_TOOL_UPDATE_DOCS=1 cargo test --test architecture\n{want}"
+        );
+    }
+}
