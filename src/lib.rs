@@ -9,14 +9,14 @@
 
 pub mod checkpoint;
 pub mod cli;
-pub mod cmd;
+pub(crate) mod cmd;
 pub mod codec;
 pub mod docs;
 pub mod error;
 pub mod fold;
 pub mod fuzzing;
-pub mod layout;
-pub mod output;
+pub(crate) mod layout;
+pub(crate) mod output;
 pub mod plan;
 pub mod runtime;
 pub mod schedule;

@@ -11,10 +11,10 @@
 //! and its shards) and PyTorch zip checkpoints ([`torch`]).
 
 pub mod mapped;
-pub mod safetensors;
-pub mod sharded;
+pub(crate) mod safetensors;
+pub(crate) mod sharded;
 pub mod step;
-pub mod torch;
+pub(crate) mod torch;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -295,7 +295,7 @@ impl Checkpoint {
     }
 
     /// What a PyTorch archive adds: its top-level entries and storage records.
-    pub fn torch(&self) -> Option<&torch::Parts> {
+    pub(crate) fn torch(&self) -> Option<&torch::Parts> {
         self.torch.as_deref()
     }
 

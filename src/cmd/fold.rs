@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{print_json, progress, provenance, set_threads, warn};
+use super::{create_writer, print_json, progress, provenance, set_threads, warn};
 use crate::cli::FoldArgs;
 use crate::error::Result;
 use crate::fold::{self, Device};
-use crate::output::{check_output_kind, check_target, Writer};
+use crate::output::{check_output_kind, check_target};
 use crate::plan::fold::{arrange, build, open_inputs, Options};
 use crate::plan::{Output, Plan};
 use crate::runtime::Runtime;
@@ -86,15 +86,7 @@ pub fn run(
     }
     let last = plan.inputs.last().expect("at least one input");
     let metadata = provenance(last.metadata(), record.clone());
-    let writer = Writer::create(
-        &output,
-        args.out.force,
-        &plan.specs(),
-        &metadata,
-        args.out.max_shard_size,
-        rt,
-    )?;
-    let written = writer.display_path(&output);
+    let (writer, written) = create_writer(&plan, 0, &args.out, &metadata, rt)?;
     let progress = progress(plan.input_bytes(), args.out.quiet);
     let opts = fold::Options {
         finite: args.out.check_finite,

@@ -8,14 +8,18 @@ pub mod swap;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+use crate::cli::OutputArgs;
 use crate::error::{Error, Result};
 use crate::fold::Progress;
+use crate::output::Writer;
+use crate::plan::Plan;
+use crate::runtime::Runtime;
 
 /// ema-tool's version, recorded in outputs.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -78,6 +82,28 @@ pub fn default_output(input: &Path, suffix: &str) -> std::path::PathBuf {
         .unwrap_or_else(|| "checkpoint".into());
     let stem = crate::codec::names::strip_known_extensions(&name);
     input.with_file_name(format!("{stem}.{suffix}.safetensors"))
+}
+
+/// Creates the writer of output `o` of `plan`, with `out`'s options and `metadata`; returns it
+/// with the path to name in summaries (the index of a sharded output).
+pub fn create_writer(
+    plan: &Plan,
+    o: usize,
+    out: &OutputArgs,
+    metadata: &BTreeMap<String, String>,
+    rt: &Runtime,
+) -> Result<(Writer, PathBuf)> {
+    let target = &plan.outputs[o].target;
+    let writer = Writer::create(
+        target,
+        out.force,
+        &plan.specs(),
+        metadata,
+        out.max_shard_size,
+        rt,
+    )?;
+    let shown = writer.display_path(target);
+    Ok((writer, shown))
 }
 
 /// Prints `value` as pretty JSON on stdout.

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::{default_output, print_json, progress, provenance, VERSION};
+use super::{create_writer, default_output, print_json, progress, provenance, VERSION};
 use crate::checkpoint::{Checkpoint, Format, Open};
 use crate::cli::SwapArgs;
 use crate::codec::names::is_torch_name;
@@ -89,15 +89,7 @@ pub fn run(args: &SwapArgs, rt: &Runtime) -> Result<()> {
         (plan::swap::swap(ckpt, &pairing, output.clone()), record)
     };
     let metadata = provenance(&base, record.clone());
-    let writer = Writer::create(
-        &output,
-        args.out.force,
-        &plan.specs(),
-        &metadata,
-        args.out.max_shard_size,
-        rt,
-    )?;
-    let written = writer.display_path(&output);
+    let (writer, written) = create_writer(&plan, 0, &args.out, &metadata, rt)?;
     copy(&plan, &writer, args.out.quiet, args.out.check_finite, rt)?;
     let bytes = writer.commit(rt)?;
     let secs = started.elapsed().as_secs_f64();

@@ -12,12 +12,15 @@
 //!   [`packing`], the layout of its batches;
 //! - [`sink`]: the output writers as sinks.
 
-pub mod cpu;
+pub(crate) mod cpu;
 #[cfg_attr(not(feature = "cuda"), path = "cuda/stub.rs")]
-pub mod cuda;
+pub(crate) mod cuda;
 pub mod kernels;
-pub mod packing;
-pub mod sink;
+// Compiled without the `cuda` feature too, so that its tests (the kernels emulated on the
+// CPU) run everywhere; only the CUDA executor uses it.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) mod packing;
+mod sink;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

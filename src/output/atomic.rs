@@ -195,11 +195,6 @@ impl AtomicFile {
             replace: self.force,
         })
     }
-
-    /// [`AtomicFile::finish`], then the rename to the target ([`commit_all`] of one file).
-    pub fn commit(self, rt: &Runtime) -> Result<()> {
-        commit_all(rt, vec![self.finish()?])
-    }
 }
 
 /// A complete, synced temporary file waiting to be renamed to its target.
@@ -255,7 +250,7 @@ mod tests {
         f.write_at(0, b"head").unwrap();
         f.write_vectored_at(4, &slices).unwrap();
         f.write_vectored_at(4, &[]).unwrap();
-        f.commit(&rt).unwrap();
+        commit_all(&rt, vec![f.finish().unwrap()]).unwrap();
         let want: Vec<u8> = b"head".iter().copied().chain(bufs.concat()).collect();
         assert_eq!(std::fs::read(&target).unwrap(), want);
     }

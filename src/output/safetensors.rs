@@ -52,11 +52,6 @@ impl SafetensorsWriter {
         self.file.finish()
     }
 
-    /// The final path.
-    pub fn target(&self) -> &Path {
-        self.file.target()
-    }
-
     /// Puts `bytes` at byte `off` of tensor `tensor`'s data.
     pub fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
         debug_assert!(off + bytes.len() as u64 <= self.sizes[tensor]);

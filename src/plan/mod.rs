@@ -14,10 +14,10 @@
 //! Nothing here reads a value: a plan is made from headers, so a bad call fails before any
 //! work.
 
-pub mod fold;
+pub(crate) mod fold;
 pub mod order;
-pub mod select;
-pub mod swap;
+pub(crate) mod select;
+pub(crate) mod swap;
 
 use std::path::PathBuf;
 

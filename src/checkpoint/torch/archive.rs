@@ -19,7 +19,6 @@ pub const COMMENT_PREFIX: &str = "ema_tool:";
 /// One storage record (`<prefix>data/<key>`).
 #[derive(Clone, Debug)]
 pub struct Storage {
-    pub key: String,
     /// Bytes the pickle says the storage holds.
     pub nbytes: u64,
     /// The record's entry of the zip directory (name, CRC, where its headers are).

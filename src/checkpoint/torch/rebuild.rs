@@ -243,7 +243,6 @@ where
                     ));
                 }
                 self.flat.storages.push(Storage {
-                    key: key.clone(),
                     nbytes,
                     entry,
                     data_offset,
