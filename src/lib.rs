@@ -2,9 +2,9 @@
 //! weight management inside a checkpoint.
 //!
 //! The binary is a thin layer over this library; `ARCHITECTURE.md` draws the layers. From the
-//! bottom: [`codec`] (byte formats), [`checkpoint`] (reading) and [`output`] (writing),
-//! [`layout`] (EMA/raw pairs) and [`schedule`] (weights), [`plan`] (what each output tensor is
-//! made of), [`fold`] (executing a plan on a device), [`cli`] and [`cmd`] (the commands).
+//! bottom: [`codec`] (byte formats), [`checkpoint`] (reading) and `output` (writing),
+//! `layout` (EMA/raw pairs) and [`schedule`] (weights), [`plan`] (what each output tensor is
+//! made of), [`fold`] (executing a plan on a device), [`cli`] and `cmd` (the commands).
 //! [`runtime`] owns the process-wide state and is handed to whatever needs it.
 
 pub mod checkpoint;

@@ -7,8 +7,8 @@
 //! error), or, by the CPU fold, through a mapping that is released as the fold goes
 //! ([`mapped`]). No format is ever read whole into memory.
 //!
-//! The formats (`docs/formats.md`): [`safetensors`] files, [`sharded`] checkpoints (an index
-//! and its shards) and PyTorch zip checkpoints ([`torch`]).
+//! The formats (`docs/formats.md`): `safetensors` files, `sharded` checkpoints (an index
+//! and its shards) and PyTorch zip checkpoints (`torch`).
 
 pub mod mapped;
 pub(crate) mod safetensors;

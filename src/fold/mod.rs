@@ -7,10 +7,10 @@
 //! never on the chunking, the number of threads, the device or the number of outputs.
 //!
 //! - [`kernels`]: the fused fold loops;
-//! - [`cpu`]: the CPU executor (mapped inputs, work items in order, batched writes);
-//! - [`cuda`]: the CUDA executor (with the `cuda` feature; a stand-in without it), and
-//!   [`packing`], the layout of its batches;
-//! - [`sink`]: the output writers as sinks.
+//! - `cpu`: the CPU executor (mapped inputs, work items in order, batched writes);
+//! - `cuda`: the CUDA executor (with the `cuda` feature; a stand-in without it), and
+//!   `packing`, the layout of its batches;
+//! - `sink`: the output writers as sinks.
 
 pub(crate) mod cpu;
 #[cfg_attr(not(feature = "cuda"), path = "cuda/stub.rs")]
@@ -82,7 +82,7 @@ pub struct Options {
     /// Fail on NaN/Inf in any input or output value of a float tensor (`--check-finite`).
     pub finite: bool,
     /// How many inputs (the first ones) the CPU executor reads through memory maps; the others
-    /// are read with `pread` ([`cpu::MAPPED_INPUTS`] by default).
+    /// are read with `pread` (`cpu::MAPPED_INPUTS` by default).
     pub mapped_inputs: usize,
 }
 

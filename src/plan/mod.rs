@@ -7,9 +7,9 @@
 //! each of its sources once for all the outputs, so K outputs cost one read of the inputs.
 //!
 //! - [`order`]: the order of a fold's inputs;
-//! - [`fold`]: the plans of `ema` and `swa` (inputs matched tensor by tensor);
-//! - [`swap`]: the plans of `swap` and `swap --deploy`;
-//! - [`select`]: which tensors `--include`/`--exclude` keep.
+//! - `fold`: the plans of `ema` and `swa` (inputs matched tensor by tensor);
+//! - `swap`: the plans of `swap` and `swap --deploy`;
+//! - `select`: which tensors `--include`/`--exclude` keep.
 //!
 //! Nothing here reads a value: a plan is made from headers, so a bad call fails before any
 //! work.
