@@ -8,7 +8,7 @@ use crate::codec::DType;
 use crate::fold::{cpu::MAPPED_INPUTS, Device};
 use crate::layout::{Layout, Side};
 use crate::plan::Order;
-use crate::schedule::Strategy;
+use crate::schedule::options::{EmaOptions, SwaOptions, Typed};
 
 /// Offline exponential moving average and SWA of PyTorch checkpoints, and EMA/raw weight
 /// management inside a checkpoint.
@@ -37,7 +37,7 @@ impl Cli {
     /// it is interrupted).
     pub fn writes_output(&self) -> bool {
         match &self.command {
-            Command::Ema(_) | Command::Swa(_) | Command::Swap(_) => true,
+            Command::Ema(_) | Command::Swa(_) | Command::Swap(_) | Command::Posthoc(_) => true,
             Command::Inspect(_) | Command::Completions { .. } => false,
         }
     }
@@ -63,6 +63,12 @@ pub enum Command {
     /// ([state_dict.]<n> / [state_dict.]ema_<n with . → _>), timm (state_dict.<n> /
     /// state_dict_ema.<n>). Swapping twice gives back the input bit for bit.
     Swap(SwapArgs),
+    /// Synthesise post-hoc EMAs from snapshots of power-function EMAs (EDM2, ema-pytorch
+    /// PostHocEMA).
+    ///
+    /// The weights of the snapshots solve EDM2's least-squares problem (Karras et al. 2024,
+    /// Algorithm 3) in f64; every output comes from one read of the snapshots.
+    Posthoc(PosthocArgs),
     /// Show what a checkpoint holds: format, tensors, dtypes, metadata, step, EMA layout.
     ///
     /// Reads headers only, unless --stats asks for values.
@@ -81,7 +87,8 @@ pub struct OutputArgs {
     /// Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`,
     /// `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`;
     /// metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other
-    /// entry of the checkpoint.
+    /// entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the
+    /// option's name) are replaced by each value as typed.
     #[arg(short, long, value_name = "PATH")]
     pub output: Option<PathBuf>,
 
@@ -123,10 +130,6 @@ pub struct FoldArgs {
 
     #[command(flatten)]
     pub out: OutputArgs,
-
-    /// Update every INTERVAL-th step (mmengine/mmcv `interval`).
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub interval: u64,
 
     /// Treat momentum as per training iteration: x_k holds over the iterations between the
     /// steps of x_{k-1} and x_k, and the schedule is applied at every one of them.
@@ -179,29 +182,8 @@ pub struct FoldArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct EmaArgs {
-    /// Averaging strategy; the OpenMMLab class names are accepted too.
-    #[arg(long, short = 's', value_enum, default_value_t = Strategy::Exponential)]
-    pub strategy: Strategy,
-
-    /// Weight of the newer checkpoint in each update (mmengine convention) [default: 0.0002].
-    #[arg(long, short = 'm', conflicts_with = "decay", value_name = "M")]
-    pub momentum: Option<f64>,
-
-    /// Decay of the average (timm/torch convention): momentum = 1 - DECAY.
-    #[arg(long, value_name = "D")]
-    pub decay: Option<f64>,
-
-    /// `annealing`: momentum = max(momentum, gamma / (gamma + k)).
-    #[arg(long, default_value_t = 100.0, value_name = "G")]
-    pub gamma: f64,
-
-    /// `mmcv`, `linear-momentum`: warm-up iterations of the momentum.
-    #[arg(long, default_value_t = 100.0, value_name = "N")]
-    pub warm_up: f64,
-
-    /// `exp-momentum`: iterations over which the momentum decays.
-    #[arg(long, default_value_t = 2000.0, value_name = "N")]
-    pub total_iter: f64,
+    #[command(flatten)]
+    pub schedule: EmaOptions,
 
     #[command(flatten)]
     pub fold: FoldArgs,
@@ -210,7 +192,89 @@ pub struct EmaArgs {
 #[derive(Debug, Args, Clone)]
 pub struct SwaArgs {
     #[command(flatten)]
+    pub schedule: SwaOptions,
+
+    #[command(flatten)]
     pub fold: FoldArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct PosthocArgs {
+    /// Snapshots of power-function EMAs: ema-pytorch `PostHocEMA` checkpoint folders (files
+    /// `{ind}.{step}.pt`), or checkpoints whose metadata holds `step` and `sigma_rel` (or
+    /// `gamma`).
+    #[arg(required = true, value_name = "SNAPSHOT")]
+    pub inputs: Vec<PathBuf>,
+
+    /// Relative standard deviation of the EMA profile to synthesise (0 < S < 0.2887); a
+    /// comma-separated list writes one output per value, from one read of the snapshots.
+    #[arg(long, required = true, value_name = "S", value_delimiter = ',')]
+    pub sigma_rel: Vec<Typed>,
+
+    /// Training step to synthesise the EMA at [default: the latest snapshot's]; snapshots of
+    /// later steps are left out, as EDM2 does.
+    #[arg(long, value_name = "T")]
+    pub step: Option<u64>,
+
+    /// The sigma_rel of each profile of a PostHocEMA folder, by `ind`, in the order given to
+    /// `PostHocEMA(sigma_rels=…)` (its files do not record them).
+    #[arg(
+        long,
+        value_name = "S,…",
+        value_delimiter = ',',
+        conflicts_with = "snapshot_gammas"
+    )]
+    pub snapshot_sigma_rels: Vec<f64>,
+
+    /// The exponent γ of each profile of a PostHocEMA folder, by `ind`, instead of
+    /// --snapshot-sigma-rels.
+    #[arg(long, value_name = "G,…", value_delimiter = ',')]
+    pub snapshot_gammas: Vec<f64>,
+
+    /// Leave the solved weights as they are instead of normalising them to sum 1 (what
+    /// ema-pytorch's `synthesize_ema_model` does).
+    #[arg(long)]
+    pub no_normalize: bool,
+
+    /// Copy buffers (see --buffer-pattern) from the last snapshot instead of averaging them
+    /// (EDM2's reconstruction; ema-pytorch averages them).
+    #[arg(long)]
+    pub skip_buffers: bool,
+
+    /// Glob of buffer names for --skip-buffers (repeatable).
+    #[arg(
+        long,
+        value_name = "GLOB",
+        default_values_t = ["*.running_mean".to_string(), "*.running_var".to_string(), "*.num_batches_tracked".to_string()]
+    )]
+    pub buffer_pattern: Vec<String>,
+
+    /// Only output tensors whose names match GLOB (repeatable; `*` matches any characters).
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+
+    /// Leave out tensors whose names match GLOB (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+
+    #[command(flatten)]
+    pub out: OutputArgs,
+
+    /// Print the plan (snapshots, weights, condition number) and write nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+
+    /// Device that folds: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: Device,
+
+    /// Worker threads (default: one per core).
+    #[arg(long, short = 'j', value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// How many inputs (the first ones) the CPU fold reads through memory maps.
+    #[arg(long, value_name = "N", default_value_t = MAPPED_INPUTS)]
+    pub mapped_inputs: usize,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -327,6 +391,7 @@ impl From<OutDType> for DType {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::Strategy;
     use clap::CommandFactory;
 
     #[test]
@@ -345,7 +410,7 @@ mod tests {
         ])
         .unwrap();
         match cli.command {
-            Command::Ema(a) => assert_eq!(a.strategy, Strategy::Annealing),
+            Command::Ema(a) => assert_eq!(a.schedule.strategy, Strategy::Annealing),
             _ => panic!(),
         }
     }

@@ -34,6 +34,7 @@ pub fn run(cli: &cli::Cli, rt: &runtime::Runtime) -> Result<()> {
         Command::Ema(a) => cmd::ema::run(a, rt),
         Command::Swa(a) => cmd::swa::run(a, rt),
         Command::Swap(a) => cmd::swap::run(a, rt),
+        Command::Posthoc(a) => cmd::posthoc::run(a, rt),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Completions { shell } => {
             docs::write_completion(*shell, &mut std::io::stdout().lock());

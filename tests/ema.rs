@@ -7,9 +7,10 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-/// The safetensors cases, then the same folds over `.pth` series (`pth_cases.json`).
+/// The safetensors cases, the same folds over `.pth` series (`pth_cases.json`), and the
+/// ecosystem's schedules (`schedules/cases.json`, made by `fixtures/gen_schedules.py`).
 fn cases() -> Vec<Value> {
-    ["cases.json", "pth_cases.json"]
+    ["cases.json", "pth_cases.json", "schedules/cases.json"]
         .iter()
         .flat_map(|f| {
             let text = std::fs::read_to_string(fixtures().join(f)).unwrap();
@@ -78,7 +79,10 @@ fn check_case(case: &Value, dir: &std::path::Path, extra: &[&str]) -> Result<(),
 fn every_reference_case_matches() {
     let dir = tempfile::tempdir().unwrap();
     let cases = cases();
-    assert!(cases.len() >= 30, "fixtures/cases.json lost cases");
+    assert!(
+        cases.len() >= 40,
+        "fixtures/cases.json or schedules/cases.json lost cases"
+    );
     let failures: Vec<String> = cases
         .iter()
         .filter_map(|c| check_case(c, dir.path(), &[]).err())

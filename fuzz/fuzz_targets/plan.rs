@@ -24,6 +24,7 @@ struct Input {
     gamma: f64,
     warm_up: f64,
     total_iter: f64,
+    power_gamma: f64,
     per_iter: bool,
 }
 
@@ -78,16 +79,18 @@ fuzz_target!(|inp: Input| {
         assert!(ordered.windows(2).all(|w| w[0] <= w[1]));
     }
 
+    let strategy = {
+        let all = Strategy::value_variants();
+        all[inp.strategy as usize % all.len()]
+    };
     let schedule = Schedule {
-        strategy: {
-            let all = Strategy::value_variants();
-            all[inp.strategy as usize % all.len()]
-        },
         momentum: inp.momentum,
         interval: inp.interval,
         gamma: inp.gamma,
         warm_up: inp.warm_up,
         total_iter: inp.total_iter,
+        power_gamma: inp.power_gamma,
+        ..Schedule::new(strategy)
     };
     if schedule.validate().is_err() {
         return;

@@ -28,6 +28,9 @@ _ema__tool() {
             ema__tool,inspect)
                 cmd="ema__tool__subcmd__inspect"
                 ;;
+            ema__tool,posthoc)
+                cmd="ema__tool__subcmd__posthoc"
+                ;;
             ema__tool,swa)
                 cmd="ema__tool__subcmd__swa"
                 ;;
@@ -46,6 +49,9 @@ _ema__tool() {
             ema__tool__subcmd__help,inspect)
                 cmd="ema__tool__subcmd__help__subcmd__inspect"
                 ;;
+            ema__tool__subcmd__help,posthoc)
+                cmd="ema__tool__subcmd__help__subcmd__posthoc"
+                ;;
             ema__tool__subcmd__help,swa)
                 cmd="ema__tool__subcmd__help__subcmd__swa"
                 ;;
@@ -59,7 +65,7 @@ _ema__tool() {
 
     case "${cmd}" in
         ema__tool)
-            opts="-h -V --help --version ema swa swap inspect completions help"
+            opts="-h -V --help --version ema swa swap posthoc inspect completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -87,18 +93,18 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__ema)
-            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --gamma --warm-up --total-iter --output --max-shard-size --force --dtype --quiet --json --check-finite --interval --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --mapped-inputs --help --version"
+            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --interval --gamma --warm-up --total-iter --sigma-rel --power-gamma --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --strategy)
-                    COMPREPLY=($(compgen -W "exponential annealing mmcv exp-momentum linear-momentum swa" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "exponential annealing mmcv exp-momentum linear-momentum swa power" -- "${cur}"))
                     return 0
                     ;;
                 -s)
-                    COMPREPLY=($(compgen -W "exponential annealing mmcv exp-momentum linear-momentum swa" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "exponential annealing mmcv exp-momentum linear-momentum swa power" -- "${cur}"))
                     return 0
                     ;;
                 --momentum)
@@ -113,6 +119,10 @@ _ema__tool() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --gamma)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -122,6 +132,14 @@ _ema__tool() {
                     return 0
                     ;;
                 --total-iter)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --sigma-rel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --power-gamma)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -139,10 +157,6 @@ _ema__tool() {
                     ;;
                 --dtype)
                     COMPREPLY=($(compgen -W "f32 f16 bf16 f64" -- "${cur}"))
-                    return 0
-                    ;;
-                --interval)
-                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --buffer-pattern)
@@ -185,7 +199,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__help)
-            opts="ema swa swap inspect completions help"
+            opts="ema swa swap posthoc inspect completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -254,6 +268,20 @@ _ema__tool() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        ema__subcmd__tool__subcmd__help__subcmd__posthoc)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         ema__subcmd__tool__subcmd__help__subcmd__swa)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -296,13 +324,41 @@ _ema__tool() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        ema__subcmd__tool__subcmd__swa)
-            opts="-o -f -q -n -j -h -V --output --max-shard-size --force --dtype --quiet --json --check-finite --interval --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --mapped-inputs --help --version"
+        ema__subcmd__tool__subcmd__posthoc)
+            opts="-o -f -q -n -j -h -V --sigma-rel --step --snapshot-sigma-rels --snapshot-gammas --no-normalize --skip-buffers --buffer-pattern --include --exclude --output --max-shard-size --force --dtype --quiet --json --check-finite --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --sigma-rel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --step)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --snapshot-sigma-rels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --snapshot-gammas)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --buffer-pattern)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --include)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --exclude)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --output)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -319,8 +375,54 @@ _ema__tool() {
                     COMPREPLY=($(compgen -W "f32 f16 bf16 f64" -- "${cur}"))
                     return 0
                     ;;
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -j)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mapped-inputs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        ema__subcmd__tool__subcmd__swa)
+            opts="-o -f -q -n -j -h -V --interval --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --mapped-inputs --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 --interval)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-shard-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --dtype)
+                    COMPREPLY=($(compgen -W "f32 f16 bf16 f64" -- "${cur}"))
                     return 0
                     ;;
                 --buffer-pattern)

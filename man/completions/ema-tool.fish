@@ -29,27 +29,31 @@ complete -c ema-tool -n "__fish_ema_tool_needs_command" -s V -l version -d 'Prin
 complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "ema" -d 'Fold a series of checkpoints into an exponential moving average'
 complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "swa" -d 'Fold a series of checkpoints into a stochastic weight average (mmengine StochasticWeightAverage: the mean of the inputs taken every --interval)'
 complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "swap" -d 'Exchange the EMA and raw weights inside a checkpoint, or extract deployable weights'
+complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "posthoc" -d 'Synthesise post-hoc EMAs from snapshots of power-function EMAs (EDM2, ema-pytorch PostHocEMA)'
 complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "inspect" -d 'Show what a checkpoint holds: format, tensors, dtypes, metadata, step, EMA layout'
 complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "completions" -d 'Print a shell completion script to stdout'
 complete -c ema-tool -n "__fish_ema_tool_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s s -l strategy -d 'Averaging strategy; the OpenMMLab class names are accepted too' -r -f -a "exponential\t'mmengine `ExponentialMovingAverage`: m_k = momentum'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s s -l strategy -d 'Averaging strategy; the libraries\' class names are accepted too' -r -f -a "exponential\t'mmengine `ExponentialMovingAverage`: m_k = momentum'
 annealing\t'mmengine `MomentumAnnealingEMA`: m_k = max(momentum, gamma / (gamma + k))'
 mmcv\t'mmcv `EMAHook`: updates when it % interval == 0, m = min(momentum^interval, (1+it)/(warm_up+it))'
 exp-momentum\t'mmdet `ExpMomentumEMAHook`: updates when (it+1) % interval == 0, m = (1 − momentum)·exp(−(1+it)/total_iter) + momentum'
 linear-momentum\t'mmdet `LinearMomentumEMAHook`: updates when (it+1) % interval == 0, m = min(momentum^interval, (1+it)/(warm_up+it))'
-swa\t'mmengine `StochasticWeightAverage`: m_k = 1 / (k // interval + 1)'"
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s m -l momentum -d 'Weight of the newer checkpoint in each update (mmengine convention) [default: 0.0002]' -r
+swa\t'mmengine `StochasticWeightAverage`: m_k = 1 / (k // interval + 1)'
+power\t'EDM2 power-function EMA (`PowerFunctionEMA`, batch 1): decay (1 − 1/u)^(γ+1) at update u; γ from --sigma-rel or --power-gamma'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s m -l momentum -d 'Weight of the newer checkpoint in each update (mmengine convention) [default: 0.0002]. A comma-separated list sweeps, as every numeric option does' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l decay -d 'Decay of the average (timm/torch convention): momentum = 1 - DECAY' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l interval -d 'Update every INTERVAL-th step (mmengine/mmcv `interval`)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l gamma -d '`annealing`: momentum = max(momentum, gamma / (gamma + k))' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l warm-up -d '`mmcv`, `linear-momentum`: warm-up iterations of the momentum' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l total-iter -d '`exp-momentum`: iterations over which the momentum decays' -r
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l sigma-rel -d '`power`: relative standard deviation of the power-function profile (EDM2\'s `std`), 0 < S < 0.2887; its exponent γ is the largest root of γ³ + 7γ² + (16 − S⁻²)γ + (12 − S⁻²)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l power-gamma -d '`power`: exponent γ of the power function (EDM2\'s `exp`), instead of --sigma-rel' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
 f16\t''
 bf16\t''
 f64\t''"
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l interval -d 'Update every INTERVAL-th step (mmengine/mmcv `interval`)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l buffer-pattern -d 'Glob of buffer names for --skip-buffers (repeatable)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l include -d 'Only output tensors whose names match GLOB (repeatable; `*` matches any characters)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l exclude -d 'Leave out tensors whose names match GLOB (repeatable)' -r
@@ -69,13 +73,13 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l skip-buffers -
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s n -l dry-run -d 'Print the plan (order, steps, weights) and write nothing'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s V -l version -d 'Print version'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l interval -d 'Average every INTERVAL-th checkpoint (mmengine `interval`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
 f16\t''
 bf16\t''
 f64\t''"
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l interval -d 'Update every INTERVAL-th step (mmengine/mmcv `interval`)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l buffer-pattern -d 'Glob of buffer names for --skip-buffers (repeatable)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l include -d 'Only output tensors whose names match GLOB (repeatable; `*` matches any characters)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l exclude -d 'Leave out tensors whose names match GLOB (repeatable)' -r
@@ -95,7 +99,7 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l skip-buffers -
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s n -l dry-run -d 'Print the plan (order, steps, weights) and write nothing'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s V -l version -d 'Print version'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
 f16\t''
@@ -115,6 +119,31 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s d -l deploy -
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l raw -d 'With --deploy: write the raw (non-EMA) weights instead'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s V -l version -d 'Print version'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l sigma-rel -d 'Relative standard deviation of the EMA profile to synthesise (0 < S < 0.2887); a comma-separated list writes one output per value, from one read of the snapshots' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l step -d 'Training step to synthesise the EMA at [default: the latest snapshot\'s]; snapshots of later steps are left out, as EDM2 does' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l snapshot-sigma-rels -d 'The sigma_rel of each profile of a PostHocEMA folder, by `ind`, in the order given to `PostHocEMA(sigma_rels=…)` (its files do not record them)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l snapshot-gammas -d 'The exponent γ of each profile of a PostHocEMA folder, by `ind`, instead of --snapshot-sigma-rels' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l buffer-pattern -d 'Glob of buffer names for --skip-buffers (repeatable)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l include -d 'Only output tensors whose names match GLOB (repeatable; `*` matches any characters)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l exclude -d 'Leave out tensors whose names match GLOB (repeatable)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
+f16\t''
+bf16\t''
+f64\t''"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l device -d 'Device that folds: cpu, cuda or cuda:N' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s j -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l mapped-inputs -d 'How many inputs (the first ones) the CPU fold reads through memory maps' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l no-normalize -d 'Leave the solved weights as they are instead of normalising them to sum 1 (what ema-pytorch\'s `synthesize_ema_model` does)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l skip-buffers -d 'Copy buffers (see --buffer-pattern) from the last snapshot instead of averaging them (EDM2\'s reconstruction; ema-pytorch averages them)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s f -l force -d 'Replace the output file if it exists'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s q -l quiet -d 'Print no progress bar, summary or warnings'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l json -d 'Print a machine-readable JSON summary on stdout'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l check-finite -d 'Fail if any input or output value of a float tensor is NaN or infinite'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s n -l dry-run -d 'Print the plan (snapshots, weights, condition number) and write nothing'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s V -l version -d 'Print version'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s t -l tensors -d 'List every tensor: name, dtype, shape, bytes'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -l stats -d 'Read values: min, max, mean, std and NaN/Inf counts per tensor'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -l json -d 'Print one JSON document on stdout: `{"version", "files": [...]}`, one entry per checkpoint with `path`, `format`, `tensors`, `parameters`, `bytes`, `file_bytes`, `dtypes`, `metadata`, `step`, `step_source`, `layout`, `skipped` (`[{name, kind}]`: entries of a PyTorch checkpoint that are neither tensors nor plain values), for PyTorch checkpoints `tree` (`[{key, kind, tensors, bytes, values, skipped}]`, the top-level entries), for sharded ones `shards` (the files), and with --tensors or --stats `tensor_list`'
@@ -122,9 +151,10 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s h -l help 
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s V -l version -d 'Print version'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "ema" -d 'Fold a series of checkpoints into an exponential moving average'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "swa" -d 'Fold a series of checkpoints into a stochastic weight average (mmengine StochasticWeightAverage: the mean of the inputs taken every --interval)'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "swap" -d 'Exchange the EMA and raw weights inside a checkpoint, or extract deployable weights'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "inspect" -d 'Show what a checkpoint holds: format, tensors, dtypes, metadata, step, EMA layout'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "completions" -d 'Print a shell completion script to stdout'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap inspect completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap posthoc inspect completions help" -f -a "ema" -d 'Fold a series of checkpoints into an exponential moving average'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap posthoc inspect completions help" -f -a "swa" -d 'Fold a series of checkpoints into a stochastic weight average (mmengine StochasticWeightAverage: the mean of the inputs taken every --interval)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap posthoc inspect completions help" -f -a "swap" -d 'Exchange the EMA and raw weights inside a checkpoint, or extract deployable weights'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap posthoc inspect completions help" -f -a "posthoc" -d 'Synthesise post-hoc EMAs from snapshots of power-function EMAs (EDM2, ema-pytorch PostHocEMA)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap posthoc inspect completions help" -f -a "inspect" -d 'Show what a checkpoint holds: format, tensors, dtypes, metadata, step, EMA layout'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap posthoc inspect completions help" -f -a "completions" -d 'Print a shell completion script to stdout'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand help; and not __fish_seen_subcommand_from ema swa swap posthoc inspect completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -1,54 +1,89 @@
-//! What `ema` and `swa` share: check the target, open, order and weigh the inputs, plan the
-//! fold, run it, report.
+//! What `ema`, `swa` and `posthoc` share: check the targets, plan the fold into one or more
+//! outputs, run it with one read of the inputs, commit every output, report.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{create_writer, print_json, progress, provenance, set_threads, warn};
-use crate::cli::FoldArgs;
+use super::{create_writer, print_json, progress, provenance, set_threads, sweep_targets, varying};
+use crate::cli::{FoldArgs, OutputArgs};
 use crate::error::Result;
 use crate::fold::{self, Device};
-use crate::output::{check_output_kind, check_target};
+use crate::output::{check_output_kind, check_target, commit_all};
 use crate::plan::fold::{arrange, build, open_inputs, Options};
 use crate::plan::{Output, Plan};
 use crate::runtime::Runtime;
-use crate::schedule::Schedule;
+use crate::schedule::options::Swept;
 use crate::text::human_bytes;
 
-/// Runs a fold command: `command` is `ema` or `swa`, `params` the strategy's JSON description.
-pub fn run(
-    args: &FoldArgs,
-    schedule: &Schedule,
-    command: &str,
-    params: Value,
+/// The targets of `outputs` (`(name, text)` of their options' values) from `-o`, or by default
+/// `<stem>.safetensors` (`<stem>-{a}-{b}.safetensors` for a sweep over `a` and `b`), checked
+/// before any work unless `dry_run`: none is an input, none exists unless `--force`, each can
+/// be written.
+pub fn targets(
+    out: &OutputArgs,
+    stem: &str,
+    values: &[Vec<(String, String)>],
+    inputs: &[PathBuf],
+    dry_run: bool,
     rt: &Runtime,
-) -> Result<()> {
+) -> Result<Vec<PathBuf>> {
+    let template = out.output.clone().unwrap_or_else(|| {
+        let names: String = varying(values)
+            .iter()
+            .map(|n| format!("-{{{n}}}"))
+            .collect();
+        PathBuf::from(format!("{stem}{names}.safetensors"))
+    });
+    let targets = sweep_targets(&template, values)?;
+    if !dry_run {
+        let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+        for t in &targets {
+            check_target(t, &inputs, out.force, rt)?;
+            check_output_kind(t, out.max_shard_size)?;
+        }
+    }
+    Ok(targets)
+}
+
+/// Runs a fold command: `command` is `ema` or `swa`, `swept` its outputs.
+pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Result<()> {
     let started = Instant::now();
-    schedule.validate()?;
     set_threads(args.threads)?;
-    let output = args
-        .out
-        .output
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{command}.safetensors")));
+    let values: Vec<Vec<(String, String)>> = swept.iter().map(|s| s.values.clone()).collect();
+    let targets = targets(&args.out, command, &values, &args.inputs, args.dry_run, rt)?;
     if !args.dry_run {
-        let inputs: Vec<&Path> = args.inputs.iter().map(PathBuf::as_path).collect();
-        check_target(&output, &inputs, args.out.force, rt)?;
-        check_output_kind(&output, args.out.max_shard_size)?;
         if let Device::Cuda(n) = args.device {
             fold::cuda::check_device(n)?;
         }
     }
     let ordered = arrange(open_inputs(&args.inputs)?, args.order)?;
-    let weights = if args.per_iter {
-        schedule.weights(ordered.inputs.len(), Some(&ordered.steps()?))?
+    let steps = if args.per_iter {
+        Some(ordered.steps()?)
     } else {
-        schedule.weights(ordered.inputs.len(), None)?
+        None
     };
+    let n = ordered.inputs.len();
+    let varying = varying(&values);
+    let outputs = swept
+        .iter()
+        .zip(targets)
+        .map(|(s, target)| {
+            Ok(Output {
+                target,
+                params: s
+                    .values
+                    .iter()
+                    .filter(|(name, _)| varying.contains(name))
+                    .cloned()
+                    .collect(),
+                weights: s.schedule.weights(n, steps.as_deref())?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     if let Some(w) = &ordered.warning {
-        warn(args.out.quiet, w);
+        super::warn(args.out.quiet, w);
     }
     let opts = Options {
         include: &args.include,
@@ -56,54 +91,110 @@ pub fn run(
         skip_buffers: args.skip_buffers,
         buffer_pattern: &args.buffer_pattern,
         dtype: args.out.dtype.map(Into::into),
+        ..Options::default()
     };
-    let plan = build(
-        ordered,
-        vec![Output {
-            target: output.clone(),
-            params: Vec::new(),
-            weights,
-        }],
-        &opts,
-    )?;
-    let mut record = json!({
-        "command": command,
-        "params": params,
-        "per_iter": args.per_iter,
-        "order": plan.order,
-        "inputs": inputs_json(&plan),
-    });
+    let plan = build(ordered, outputs, &opts)?;
+    let records: Vec<Value> = swept
+        .iter()
+        .enumerate()
+        .map(|(o, s)| {
+            json!({
+                "command": command,
+                "params": s.params,
+                "per_iter": args.per_iter,
+                "order": plan.order,
+                "inputs": inputs_json(&plan, o),
+            })
+        })
+        .collect();
+    let how = Run {
+        out: &args.out,
+        dry_run: args.dry_run,
+        device: args.device,
+        mapped_inputs: args.mapped_inputs,
+        started,
+        metadata: &[],
+    };
+    if plan.outputs.len() == 1 {
+        one(
+            &plan,
+            records.into_iter().next().expect("one output"),
+            &swept[0].params,
+            &how,
+            rt,
+        )
+    } else {
+        let summary = json!({
+            "command": command,
+            "per_iter": args.per_iter,
+            "order": plan.order,
+            "inputs": plan.inputs.iter().map(|c| json!({"path": c.path(), "step": c.step()})).collect::<Vec<_>>(),
+        });
+        let params: Vec<&Value> = swept.iter().map(|s| &s.params).collect();
+        many(&plan, records, &params, summary, &how, rt)
+    }
+}
+
+/// How the fold runs and reports, beyond the plan.
+pub struct Run<'a> {
+    pub out: &'a OutputArgs,
+    pub dry_run: bool,
+    pub device: Device,
+    pub mapped_inputs: usize,
+    pub started: Instant,
+    /// Metadata entries the outputs get over the last input's.
+    pub metadata: &'a [(String, String)],
+}
+
+/// The metadata of an output: the last input's, `how.metadata` over it, and the `ema_tool`
+/// record.
+fn output_metadata(
+    plan: &Plan,
+    how: &Run,
+    record: Value,
+) -> std::collections::BTreeMap<String, String> {
+    let last = plan.inputs.last().expect("at least one input");
+    let mut base = last.metadata().clone();
+    for (k, v) in how.metadata {
+        base.insert(k.clone(), v.clone());
+    }
+    provenance(&base, record)
+}
+
+/// Runs and reports a plan of one output; `record` is its provenance (and, completed, the
+/// `--json` summary), `params` the strategy's parameters for `--dry-run`.
+pub fn one(plan: &Plan, mut record: Value, params: &Value, how: &Run, rt: &Runtime) -> Result<()> {
+    let output = &plan.outputs[0].target;
     let (folded, copied) = plan.counts();
-    if args.dry_run {
-        if args.out.json {
+    if how.dry_run {
+        if how.out.json {
             record["output"] = json!(output);
             record["tensors"] = json!({"averaged": folded, "copied": copied});
             record["output_tensor_bytes"] = json!(plan.output_bytes());
             return print_json(&record);
         }
-        print_plan(&plan, &params, &output);
+        print_plan(plan, params, output);
         return Ok(());
     }
-    let last = plan.inputs.last().expect("at least one input");
-    let metadata = provenance(last.metadata(), record.clone());
-    let (writer, written) = create_writer(&plan, 0, &args.out, &metadata, rt)?;
-    let progress = progress(plan.input_bytes(), args.out.quiet);
+    let metadata = output_metadata(plan, how, record.clone());
+    let (writer, written) = create_writer(plan, 0, how.out, &metadata, rt)?;
+    let progress = progress(plan.input_bytes(), how.out.quiet);
     let opts = fold::Options {
-        finite: args.out.check_finite,
-        mapped_inputs: args.mapped_inputs,
+        finite: how.out.check_finite,
+        mapped_inputs: how.mapped_inputs,
     };
-    fold::execute(&plan, &[&writer], args.device, opts, &progress, rt)?;
+    fold::execute(plan, &[&writer], how.device, opts, &progress, rt)?;
     let bytes = writer.commit(rt)?;
-    let secs = started.elapsed().as_secs_f64();
-    if args.out.json {
+    let secs = how.started.elapsed().as_secs_f64();
+    if how.out.json {
         record["output"] = json!(written);
         record["bytes"] = json!(bytes);
         record["bytes_read"] = json!(progress.bytes());
         record["seconds"] = json!(secs);
-        record["device"] = json!(args.device.to_string());
+        record["device"] = json!(how.device.to_string());
         record["tensors"] = json!({"averaged": folded, "copied": copied});
         print_json(&record)?;
-    } else if !args.out.quiet {
+    } else if !how.out.quiet {
         eprintln!(
             "ema-tool: wrote {} ({} tensors: {folded} averaged, {copied} copied; {}) from {} checkpoints in {secs:.2} s",
             written.display(),
@@ -115,16 +206,106 @@ pub fn run(
     Ok(())
 }
 
-/// The inputs with their steps and weights in the first output, as JSON.
-fn inputs_json(plan: &Plan) -> Value {
+/// Runs and reports a plan of several outputs (a sweep): every output from one read of the
+/// inputs, all of them committed together. `records[o]` is output `o`'s provenance,
+/// `params[o]` its parameters, `summary` the start of the `--json` document.
+pub fn many(
+    plan: &Plan,
+    records: Vec<Value>,
+    params: &[&Value],
+    mut summary: Value,
+    how: &Run,
+    rt: &Runtime,
+) -> Result<()> {
+    let (folded, copied) = plan.counts();
+    let outputs_json = |bytes: &[u64]| -> Vec<Value> {
+        plan.outputs
+            .iter()
+            .enumerate()
+            .map(|(o, out)| {
+                let mut v = json!({
+                    "path": out.target,
+                    "params": params[o],
+                    "weights": out.weights,
+                });
+                if let Some(b) = bytes.get(o) {
+                    v["bytes"] = json!(b);
+                }
+                v
+            })
+            .collect()
+    };
+    if how.dry_run {
+        if how.out.json {
+            summary["outputs"] = json!(outputs_json(&[]));
+            summary["tensors"] = json!({"averaged": folded, "copied": copied});
+            summary["output_tensor_bytes"] = json!(plan.output_bytes());
+            return print_json(&summary);
+        }
+        print_table(plan);
+        return Ok(());
+    }
+    let mut writers = Vec::with_capacity(plan.outputs.len());
+    let mut shown = Vec::with_capacity(plan.outputs.len());
+    for (o, record) in records.into_iter().enumerate() {
+        let metadata = output_metadata(plan, how, record);
+        let (w, s) = create_writer(plan, o, how.out, &metadata, rt)?;
+        writers.push(w);
+        shown.push(s);
+    }
+    let progress = progress(plan.input_bytes(), how.out.quiet);
+    let opts = fold::Options {
+        finite: how.out.check_finite,
+        mapped_inputs: how.mapped_inputs,
+    };
+    let sinks: Vec<&dyn fold::Sink> = writers.iter().map(|w| w as &dyn fold::Sink).collect();
+    fold::execute(plan, &sinks, how.device, opts, &progress, rt)?;
+    // Every file of every output complete and synced before the first rename.
+    let mut files = Vec::new();
+    let mut bytes = Vec::with_capacity(writers.len());
+    for w in writers {
+        let (f, n) = w.finish(rt)?;
+        files.extend(f);
+        bytes.push(n);
+    }
+    commit_all(rt, files)?;
+    let secs = how.started.elapsed().as_secs_f64();
+    if how.out.json {
+        let mut outs = outputs_json(&bytes);
+        for (o, s) in shown.iter().enumerate() {
+            outs[o]["path"] = json!(s);
+        }
+        summary["outputs"] = json!(outs);
+        summary["bytes"] = json!(bytes.iter().sum::<u64>());
+        summary["bytes_read"] = json!(progress.bytes());
+        summary["seconds"] = json!(secs);
+        summary["device"] = json!(how.device.to_string());
+        summary["tensors"] = json!({"averaged": folded, "copied": copied});
+        print_json(&summary)?;
+    } else if !how.out.quiet {
+        eprintln!(
+            "ema-tool: wrote {} outputs ({}, …; {} tensors each: {folded} averaged, {copied} \
+             copied; {} in all) from {} checkpoints read once, in {secs:.2} s",
+            shown.len(),
+            shown[0].display(),
+            plan.tensors.len(),
+            human_bytes(bytes.iter().sum()),
+            plan.inputs.len(),
+        );
+    }
+    Ok(())
+}
+
+/// The inputs with their steps and weights in output `o`, as JSON.
+fn inputs_json(plan: &Plan, o: usize) -> Value {
     plan.inputs
         .iter()
-        .zip(&plan.outputs[0].weights)
+        .zip(&plan.outputs[o].weights)
         .map(|(c, w)| json!({"path": c.path(), "step": c.step(), "weight": w}))
         .collect()
 }
 
-/// The human-readable plan of `--dry-run`, on stdout.
+/// The human-readable plan of `--dry-run` of one output, on stdout.
 fn print_plan(plan: &Plan, params: &Value, output: &Path) {
     let params: Vec<String> = params
         .as_object()
@@ -138,13 +319,7 @@ fn print_plan(plan: &Plan, params: &Value, output: &Path) {
         })
         .unwrap_or_default();
     println!("plan      {}", params.join(", "));
-    println!(
-        "order     {}",
-        serde_json::to_value(plan.order)
-            .unwrap_or_default()
-            .as_str()
-            .unwrap_or("?")
-    );
+    println!("order     {}", order_name(plan));
     println!("{:>4}  {:>10}  {:<12}  file", "#", "step", "weight");
     for (i, (c, w)) in plan.inputs.iter().zip(&plan.outputs[0].weights).enumerate() {
         let step = c.step().map_or("-".to_string(), |s| s.to_string());
@@ -155,6 +330,46 @@ fn print_plan(plan: &Plan, params: &Value, output: &Path) {
     println!(
         "output    {} ({} of tensor data)",
         output.display(),
+        human_bytes(plan.output_bytes())
+    );
+}
+
+fn order_name(plan: &Plan) -> String {
+    serde_json::to_value(plan.order)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The N × K table of `--dry-run` of a sweep: a row per input, a column per output.
+pub fn print_table(plan: &Plan) {
+    println!("order     {}", order_name(plan));
+    for (o, out) in plan.outputs.iter().enumerate() {
+        let params: Vec<String> = out.params.iter().map(|(n, v)| format!("{n} {v}")).collect();
+        println!(
+            "output {o:<3}{}  ({})",
+            out.target.display(),
+            params.join(", ")
+        );
+    }
+    let mut head = format!("{:>4}  {:>10}", "#", "step");
+    for o in 0..plan.outputs.len() {
+        head.push_str(&format!("  {:<12}", format!("output {o}")));
+    }
+    println!("{head}  file");
+    for (i, c) in plan.inputs.iter().enumerate() {
+        let step = c.step().map_or("-".to_string(), |s| s.to_string());
+        let mut row = format!("{i:>4}  {step:>10}");
+        for out in &plan.outputs {
+            row.push_str(&format!("  {:<12.6e}", out.weights[i]));
+        }
+        println!("{row}  {}", c.path().display());
+    }
+    let (folded, copied) = plan.counts();
+    println!("tensors   {folded} averaged, {copied} copied from the last checkpoint");
+    println!(
+        "outputs   {} × {} of tensor data, from one read of the inputs",
+        plan.outputs.len(),
         human_bytes(plan.output_bytes())
     );
 }

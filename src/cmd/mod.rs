@@ -3,6 +3,7 @@
 pub mod ema;
 pub mod fold;
 pub mod inspect;
+pub mod posthoc;
 pub mod swa;
 pub mod swap;
 
@@ -106,6 +107,86 @@ pub fn create_writer(
     Ok((writer, shown))
 }
 
+/// The options that vary across the outputs of a sweep: the names whose text differs between
+/// two outputs (`values[o]`: the `(name, text)` of output `o`), in their order.
+pub fn varying(values: &[Vec<(String, String)>]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for v in values {
+        for (n, t) in v {
+            let differs = values
+                .iter()
+                .any(|w| w.iter().any(|(m, u)| m == n && u != t));
+            if differs && !out.contains(n) {
+                out.push(n.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The targets of the outputs of a sweep: `template` with `{name}` replaced by each output's
+/// value of option `name` as typed (`values[o]`: the `(name, text)` of output `o`).
+///
+/// Usage errors: a placeholder that names no option of the strategy, a sweep whose template
+/// lacks the name of an option that varies, and two outputs with the same target.
+pub fn sweep_targets(template: &Path, values: &[Vec<(String, String)>]) -> Result<Vec<PathBuf>> {
+    let text = template.to_string_lossy();
+    let names: Vec<&str> = values
+        .first()
+        .map(|v| v.iter().map(|(n, _)| n.as_str()).collect())
+        .unwrap_or_default();
+    let braced = |ns: &[&str]| {
+        ns.iter()
+            .map(|n| format!("{{{n}}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut rest = &text[..];
+    while let Some(i) = rest.find('{') {
+        let Some(j) = rest[i..].find('}') else { break };
+        let name = &rest[i + 1..i + j];
+        if !names.contains(&name) {
+            return Err(Error::usage(format!(
+                "-o {text}: `{{{name}}}` names no option of this strategy (it has {})",
+                braced(&names)
+            )));
+        }
+        rest = &rest[i + j + 1..];
+    }
+    let varying = varying(values);
+    if let Some(n) = varying.iter().find(|n| !text.contains(&format!("{{{n}}}"))) {
+        let all: Vec<&str> = varying.iter().map(String::as_str).collect();
+        return Err(Error::usage(format!(
+            "-o {text}: a sweep of {} outputs needs a name for each: put {{{n}}} in it \
+             (the options that vary: {})",
+            values.len(),
+            braced(&all)
+        )));
+    }
+    let targets: Vec<PathBuf> = values
+        .iter()
+        .map(|v| {
+            if !text.contains('{') {
+                return template.to_path_buf();
+            }
+            let mut t = text.to_string();
+            for (n, val) in v {
+                t = t.replace(&format!("{{{n}}}"), val);
+            }
+            PathBuf::from(t)
+        })
+        .collect();
+    for (i, t) in targets.iter().enumerate() {
+        if targets[..i].contains(t) {
+            return Err(Error::usage(format!(
+                "{}: two outputs of the sweep would be written there (a value given twice?)",
+                t.display()
+            )));
+        }
+    }
+    Ok(targets)
+}
+
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json(value: &Value) -> Result<()> {
     use std::io::Write;
@@ -117,6 +198,34 @@ pub fn print_json(value: &Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_targets_take_the_values_as_typed() {
+        let v = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let two = [
+            v(&[("decay", "0.999"), ("gamma", "3")]),
+            v(&[("decay", "0.9990"), ("gamma", "3")]),
+        ];
+        assert_eq!(varying(&two), vec!["decay".to_string()]);
+        let t = sweep_targets(Path::new("out/ema-{decay}-{gamma}.safetensors"), &two).unwrap();
+        assert_eq!(t[1], Path::new("out/ema-0.9990-3.safetensors"));
+        // A sweep needs the name of what varies; a placeholder must name an option.
+        assert!(sweep_targets(Path::new("ema-{gamma}.safetensors"), &two).is_err());
+        assert!(sweep_targets(Path::new("{decay}-{tau}.safetensors"), &two).is_err());
+        let same = [v(&[("decay", "1")]), v(&[("decay", "1")])];
+        assert!(sweep_targets(Path::new("x"), &same).is_err());
+        // Without a sweep the template is the name, its placeholders filled in.
+        let one = [v(&[("decay", "0.9")])];
+        let t = sweep_targets(Path::new("ema.safetensors"), &one).unwrap();
+        assert_eq!(t, vec![PathBuf::from("ema.safetensors")]);
+        let t = sweep_targets(Path::new("ema-{decay}.safetensors"), &one).unwrap();
+        assert_eq!(t, vec![PathBuf::from("ema-0.9.safetensors")]);
+    }
 
     #[test]
     fn default_outputs() {

@@ -24,6 +24,9 @@ pub struct Options<'a> {
     /// Copy the tensors matching `buffer_pattern` from the last input instead of folding them.
     pub skip_buffers: bool,
     pub buffer_pattern: &'a [String],
+    /// Tensors copied from the last input whatever their dtype (the counters that ema-pytorch's
+    /// snapshots store as floats).
+    pub copy: &'a [String],
     /// The dtype of floating-point outputs (default: each tensor's input dtype).
     pub dtype: Option<DType>,
 }
@@ -90,6 +93,7 @@ impl Ordered {
 /// that every input holds the same tensors with the same shapes, and makes one output tensor
 /// per selected tensor of the last input, in its order.
 pub fn build(ordered: Ordered, outputs: Vec<Output>, opts: &Options) -> Result<Plan> {
+    assert!(!outputs.is_empty(), "a fold has an output");
     let ckpts = &ordered.inputs;
     let n = ckpts.len();
     debug_assert!(outputs.iter().all(|o| o.weights.len() == n));
@@ -156,8 +160,9 @@ pub fn build(ordered: Ordered, outputs: Vec<Output>, opts: &Options) -> Result<P
                 });
             }
         }
-        let buffer =
-            opts.skip_buffers && opts.buffer_pattern.iter().any(|g| glob_match(g, &t.name));
+        let buffer = (opts.skip_buffers
+            && opts.buffer_pattern.iter().any(|g| glob_match(g, &t.name)))
+            || opts.copy.iter().any(|g| glob_match(g, &t.name));
         let only_one =
             |s: &[Src]| s.len() == 1 && outputs.iter().all(|o| o.weights[s[0].input] == 1.0);
         let make = if !t.dtype.is_float() || buffer {

@@ -1,117 +1,11 @@
-//! The averaging schedules: what weight each input of a fold gets.
-//!
-//! Every strategy (`docs/strategies.md`) is a sequence of updates `avg = lerp(avg, x_k, m)`,
-//! which is linear, so the result is `Σ w_k x_k` with weights that depend only on the schedule
-//! and the inputs' steps. The weights are computed here, in f64, once; the fold then reads every
-//! input once. A new strategy is a variant of [`Strategy`], its momentum in
-//! [`Schedule::momentum_at`] and its tests here.
+//! The strategies of the mmengine family and the OpenMMLab 1.x hooks
+//! (`docs/strategies.md#the-mmengine-family`): the momentum of each update, and the weights
+//! per checkpoint or per training iteration, long gaps in closed form.
 
-use serde::Serialize;
-
+use super::{check_steps, Schedule, Strategy};
 use crate::error::{Error, Result};
 
-/// A weighting strategy (`docs/strategies.md`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Strategy {
-    /// mmengine `ExponentialMovingAverage`: m_k = momentum.
-    #[value(alias = "ExponentialMovingAverage")]
-    Exponential,
-    /// mmengine `MomentumAnnealingEMA`: m_k = max(momentum, gamma / (gamma + k)).
-    #[value(alias = "MomentumAnnealingEMA")]
-    Annealing,
-    /// mmcv `EMAHook`: updates when it % interval == 0, m = min(momentum^interval,
-    /// (1+it)/(warm_up+it)).
-    #[value(alias = "EMAHook")]
-    Mmcv,
-    /// mmdet `ExpMomentumEMAHook`: updates when (it+1) % interval == 0,
-    /// m = (1 − momentum)·exp(−(1+it)/total_iter) + momentum.
-    #[value(alias = "ExpMomentumEMAHook")]
-    ExpMomentum,
-    /// mmdet `LinearMomentumEMAHook`: updates when (it+1) % interval == 0,
-    /// m = min(momentum^interval, (1+it)/(warm_up+it)).
-    #[value(alias = "LinearMomentumEMAHook")]
-    LinearMomentum,
-    /// mmengine `StochasticWeightAverage`: m_k = 1 / (k // interval + 1).
-    #[value(alias = "StochasticWeightAverage")]
-    Swa,
-}
-
-impl Strategy {
-    /// The OpenMMLab class this strategy reproduces.
-    pub fn reference_name(self) -> &'static str {
-        match self {
-            Strategy::Exponential => "ExponentialMovingAverage",
-            Strategy::Annealing => "MomentumAnnealingEMA",
-            Strategy::Mmcv => "EMAHook",
-            Strategy::ExpMomentum => "ExpMomentumEMAHook",
-            Strategy::LinearMomentum => "LinearMomentumEMAHook",
-            Strategy::Swa => "StochasticWeightAverage",
-        }
-    }
-
-    /// Whether the strategy is one of the 1.x hooks, whose x_k is the model after training
-    /// iteration `it = k − 1`.
-    pub fn is_hook(self) -> bool {
-        matches!(
-            self,
-            Strategy::Mmcv | Strategy::ExpMomentum | Strategy::LinearMomentum
-        )
-    }
-}
-
-/// A strategy with its parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Schedule {
-    pub strategy: Strategy,
-    /// Weight of the newer model in one update (mmengine's convention). Unused by `swa`.
-    pub momentum: f64,
-    pub interval: u64,
-    pub gamma: f64,
-    pub warm_up: f64,
-    pub total_iter: f64,
-}
-
-/// Largest number of schedule evaluations a `--per-iter` plan may take.
-pub const MAX_ITERATIONS: u64 = 1 << 32;
-
 impl Schedule {
-    /// Checks parameter ranges; errors are usage errors.
-    pub fn validate(&self) -> Result<()> {
-        if self.interval == 0 {
-            return Err(Error::usage("--interval must be at least 1"));
-        }
-        if self.strategy != Strategy::Swa && !(self.momentum > 0.0 && self.momentum < 1.0) {
-            return Err(Error::usage(format!(
-                "momentum must be in (0, 1), got {} (with --decay D, momentum is 1 - D)",
-                self.momentum
-            )));
-        }
-        if self.strategy == Strategy::Annealing && (self.gamma.is_nan() || self.gamma <= 0.0) {
-            return Err(Error::usage(format!(
-                "--gamma must be greater than 0, got {}",
-                self.gamma
-            )));
-        }
-        if matches!(self.strategy, Strategy::Mmcv | Strategy::LinearMomentum)
-            && (self.warm_up.is_nan() || self.warm_up < 0.0)
-        {
-            return Err(Error::usage(format!(
-                "--warm-up must be at least 0, got {}",
-                self.warm_up
-            )));
-        }
-        if self.strategy == Strategy::ExpMomentum
-            && (self.total_iter.is_nan() || self.total_iter <= 0.0)
-        {
-            return Err(Error::usage(format!(
-                "--total-iter must be greater than 0, got {}",
-                self.total_iter
-            )));
-        }
-        Ok(())
-    }
-
     /// The momentum of update index `k` (k ≥ 1), or `None` when no update happens there.
     ///
     /// For the mmengine family `k` is the averaged model's step count; for the hooks, the
@@ -138,6 +32,8 @@ impl Schedule {
                 ((it + 1) % iv == 0)
                     .then(|| (1.0 - m) * (-((1 + it) as f64) / self.total_iter).exp() + m)
             }
+            // Not of this family: its weights come from its own module.
+            Strategy::Power => None,
         }
     }
 
@@ -147,7 +43,7 @@ impl Schedule {
     /// x_k holds over the iterations (s_{k−1}, s_k] and the schedule is evaluated at each; the
     /// update index is `j − s_0` for the mmengine family (the averaged model starts at the
     /// first input) and the absolute iteration `j` for the hooks (`it = j − 1`).
-    pub fn weights(&self, n: usize, steps: Option<&[u64]>) -> Result<Vec<f64>> {
+    pub(super) fn mmengine_weights(&self, n: usize, steps: Option<&[u64]>) -> Result<Vec<f64>> {
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -276,7 +172,7 @@ impl Schedule {
         let m = self.momentum;
         let k0 = match self.strategy {
             Strategy::Exponential => 1.0,
-            Strategy::Swa => return None,
+            Strategy::Swa | Strategy::Power => return None,
             // max(m, g / (g + k)) is m once g / (g + k) ≤ m, and g / (g + k) only decreases.
             Strategy::Annealing => (self.gamma * (1.0 - m) / m).ceil() + 1.0,
             // min(m^interval, (1 + it) / (warm_up + it)): the warm-up ratio is at least 1 for
@@ -328,41 +224,26 @@ fn warm_momentum(m: f64, interval: u64, warm_up: f64, it: u64) -> f64 {
     }
 }
 
-/// Steps must increase strictly and span at most [`MAX_ITERATIONS`].
-fn check_steps(steps: &[u64]) -> Result<()> {
-    for w in steps.windows(2) {
-        if w[1] <= w[0] {
-            return Err(Error::usage(format!(
-                "--per-iter needs strictly increasing steps, got {} then {}",
-                w[0], w[1]
-            )));
-        }
-    }
-    if let (Some(first), Some(last)) = (steps.first(), steps.last()) {
-        if last - first > MAX_ITERATIONS {
-            return Err(Error::usage(format!(
-                "--per-iter over {} iterations is more than the {MAX_ITERATIONS} supported",
-                last - first
-            )));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::MAX_ITERATIONS;
     use clap::ValueEnum;
 
     fn sched(strategy: Strategy, momentum: f64, interval: u64) -> Schedule {
         Schedule {
-            strategy,
             momentum,
             interval,
-            gamma: 100.0,
-            warm_up: 100.0,
-            total_iter: 2000.0,
+            ..Schedule::new(strategy)
         }
+    }
+
+    /// The strategies of this family.
+    fn family() -> impl Iterator<Item = Strategy> {
+        Strategy::value_variants()
+            .iter()
+            .copied()
+            .filter(|s| s.is_mmengine_family())
     }
 
     /// The reference: sequential lerps on per-input indicator vectors.
@@ -382,7 +263,7 @@ mod tests {
 
     #[test]
     fn weights_equal_sequential_lerps() {
-        for &st in Strategy::value_variants() {
+        for st in family() {
             for iv in [1, 2, 3] {
                 let s = sched(st, 0.3, iv);
                 let w = s.weights(9, None).unwrap();
@@ -471,7 +352,7 @@ mod tests {
 
     #[test]
     fn long_gaps_in_closed_form_equal_the_product_of_terms() {
-        for &st in Strategy::value_variants() {
+        for st in family() {
             for (m, iv) in [(0.0002, 1), (0.01, 3), (0.3, 7), (0.9, 2)] {
                 let mut s = sched(st, m, iv);
                 s.total_iter = 300.0;
@@ -492,7 +373,7 @@ mod tests {
     #[test]
     fn the_longest_supported_gap_is_planned_at_once() {
         let started = std::time::Instant::now();
-        for &st in Strategy::value_variants() {
+        for st in family() {
             let w = sched(st, 0.0002, 1)
                 .weights(3, Some(&[7, 8, 7 + MAX_ITERATIONS]))
                 .unwrap();
@@ -524,12 +405,12 @@ mod tests {
     #[test]
     fn fuzz_regression_huge_interval_timeout() {
         let s = Schedule {
-            strategy: Strategy::Exponential,
             momentum: 5.563079979647231e-307,
             interval: 2858379707068448816,
             gamma: 1.3980432851308293e-76,
             warm_up: 1.041200472978504e-42,
             total_iter: 1.7448420755005895e-76,
+            ..Schedule::new(Strategy::Exponential)
         };
         s.validate().unwrap();
         let w = s.weights(2, Some(&[5, 55555555])).unwrap();
