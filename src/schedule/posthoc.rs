@@ -226,7 +226,7 @@ mod tests {
             Unsolvable::IllConditioned { pair, .. } => assert_eq!(pair, (0, 2)),
             e => panic!("{e:?}"),
         }
-        let snaps = [p(10.0, 0.05), p(10.0 + 1e-9, 0.05), p(20.0, 0.28)];
+        let snaps = [p(10.0, 0.05), p(10.0 + 1e-12, 0.05), p(20.0, 0.28)];
         assert!(matches!(
             System::new(&snaps),
             Err(Unsolvable::IllConditioned { pair: (0, 1), .. })
