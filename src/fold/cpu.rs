@@ -56,11 +56,16 @@ fn chunk_len(bytes_per_elem: u64) -> u64 {
     n - n % BLOCK as u64
 }
 
-/// Splits every job into items, in job order.
-fn items(jobs: &[Job]) -> Vec<Item> {
+/// Splits every job into items, in job order; `outputs` outputs are made of each job.
+fn items(jobs: &[Job], outputs: usize) -> Vec<Item> {
     let mut items = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
-        let bytes_per_elem = job.sources().iter().map(|p| p.dtype.size() as u64).sum();
+        let bytes_per_elem = job
+            .sources()
+            .iter()
+            .map(|p| p.dtype.size() as u64)
+            .sum::<u64>()
+            + (outputs * job.dtype.size()) as u64;
         let n = job.numel();
         let chunk = chunk_len(bytes_per_elem);
         let mut start = 0;
@@ -84,7 +89,7 @@ fn items(jobs: &[Job]) -> Vec<Item> {
 /// On failure, returns the error of the first failing item in job order (items are taken in
 /// order, so every item before it was run).
 pub fn execute(work: &Work, jobs: &[Job]) -> Result<()> {
-    let items = items(jobs);
+    let items = items(jobs, work.outputs());
     let mapped = Mapped::new(work.inputs, work.opts.mapped_inputs, work.rt)?;
     let release = Release::new(items.iter().map(|it| input_bytes(&jobs[it.job], *it)));
     let writes = Writes::new(work);
@@ -134,39 +139,53 @@ pub fn execute(work: &Work, jobs: &[Job]) -> Result<()> {
     }
 }
 
-/// Bytes of encoded output queued before they are written: enough to make few large writes of
-/// many small tensors (back to back in the output, they are joined into one `pwritev`).
+/// Bytes of encoded output of one output queued before they are written: enough to make few
+/// large writes of many small tensors (back to back in the output, they are joined into one
+/// `pwritev`).
 const WRITE_BATCH: usize = 1 << 20;
-/// Bytes queued past which the worker that queues more waits to write them.
-const MAX_PENDING: usize = 4 * WRITE_BATCH;
+/// Bytes queued, all outputs together, past which the worker that queues more waits to write
+/// them: memory stays bounded however many outputs a sweep has.
+const MAX_PENDING: usize = 8 << 20;
 
 /// An encoded range waiting to be written.
 struct Pending {
     item: usize,
-    output: usize,
     tensor: usize,
     off: u64,
     buf: Vec<u8>,
 }
 
-/// The queue of encoded ranges and its size in bytes.
+/// The queue of encoded ranges of one output, and its size in bytes.
 #[derive(Default)]
 struct Queue {
     pending: Vec<Pending>,
     bytes: usize,
 }
 
+/// What is queued for one output, and the lock held while writing it.
+#[derive(Default)]
+struct Output {
+    queue: Mutex<Queue>,
+    writer: Mutex<()>,
+}
+
 /// The output writes of the folds. Writes to one file serialize in the kernel (buffered writes
 /// take the file's lock), and a worker blocked there used to spin on it (a fifth of the CPU
 /// time of a fold of two 4 GB checkpoints, whose output is half the input). So a worker queues
-/// its encoded range and goes on folding; once [`WRITE_BATCH`] bytes are queued, whichever
-/// worker finds no one writing writes the whole queue, as few system calls as the output's
-/// layout allows. A long queue makes the next worker write it, so memory stays bounded.
+/// its encoded range and goes on folding; once an output has a batch queued, whichever worker
+/// finds no one writing that output writes its whole queue, as few system calls as the
+/// output's layout allows. The outputs of a sweep are written in parallel (writing to tmpfs
+/// costs about as much as the fold: one writer at a time made the 8-value sweep wait on it),
+/// and a long queue makes the next worker write it, so memory stays bounded.
 struct Writes<'a> {
     work: &'a Work<'a>,
-    queue: Mutex<Queue>,
-    /// Held while writing; the first failed write, with its item.
-    writer: Mutex<Option<(usize, Error)>>,
+    outputs: Vec<Output>,
+    /// Bytes queued for a batch of one output.
+    batch: usize,
+    /// Bytes queued, all outputs together.
+    queued: AtomicUsize,
+    /// The first failed write (by item), with its item.
+    error: Mutex<Option<(usize, Error)>>,
     /// Buffers written, to encode the next ranges into.
     pool: Mutex<Vec<Vec<u8>>>,
     failed: AtomicBool,
@@ -178,60 +197,74 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl<'a> Writes<'a> {
     fn new(work: &'a Work<'a>) -> Writes<'a> {
+        let n = work.outputs();
         Writes {
             work,
-            queue: Mutex::new(Queue::default()),
-            writer: Mutex::new(None),
+            outputs: (0..n).map(|_| Output::default()).collect(),
+            // Half the bound queued in batches of every output, at least one item's range.
+            batch: (MAX_PENDING / 2 / n.max(1)).clamp(64 << 10, WRITE_BATCH),
+            queued: AtomicUsize::new(0),
+            error: Mutex::new(None),
             pool: Mutex::new(Vec::new()),
             failed: AtomicBool::new(false),
         }
     }
 
-    /// Queues `p` for writing and returns a buffer for the next range.
-    fn submit(&self, p: Pending) -> Vec<u8> {
+    /// Queues `p` for writing to output `output` and returns a buffer for the next range.
+    fn submit(&self, output: usize, p: Pending) -> Vec<u8> {
+        self.queued.fetch_add(p.buf.len(), Ordering::Relaxed);
         {
-            let mut q = lock(&self.queue);
+            let mut q = lock(&self.outputs[output].queue);
             q.bytes += p.buf.len();
             q.pending.push(p);
         }
         lock(&self.pool).pop().unwrap_or_default()
     }
 
-    /// Writes the queue if it is large enough and no other worker is writing it, or, when it is
-    /// too long, once the other worker is done writing.
+    /// Writes the queue of every output that has a batch and that no other worker is writing;
+    /// when too much is queued, waits to write the longest queue.
     fn write_if_due(&self) {
-        let queued = lock(&self.queue).bytes;
-        if queued > MAX_PENDING {
-            self.drain(lock(&self.writer));
-        } else if queued >= WRITE_BATCH {
-            if let Ok(w) = self.writer.try_lock() {
-                self.drain(w);
+        for (o, out) in self.outputs.iter().enumerate() {
+            if lock(&out.queue).bytes >= self.batch {
+                if let Ok(w) = out.writer.try_lock() {
+                    self.drain(o, w);
+                }
+            }
+        }
+        if self.queued.load(Ordering::Relaxed) > MAX_PENDING {
+            let longest =
+                (0..self.outputs.len()).max_by_key(|&o| lock(&self.outputs[o].queue).bytes);
+            if let Some(o) = longest {
+                self.drain(o, lock(&self.outputs[o].writer));
             }
         }
     }
 
-    /// Writes the queue until it is empty.
-    fn drain(&self, mut error: std::sync::MutexGuard<'_, Option<(usize, Error)>>) {
+    /// Writes the queue of output `o` until it is empty (`_writing`: its writer lock).
+    fn drain(&self, o: usize, _writing: std::sync::MutexGuard<'_, ()>) {
         loop {
-            let mut batch = std::mem::take(&mut *lock(&self.queue)).pending;
+            let mut batch = std::mem::take(&mut *lock(&self.outputs[o].queue)).pending;
             if batch.is_empty() {
                 return;
             }
-            if error.is_none() {
-                batch.sort_unstable_by_key(|p| (p.output, p.tensor, p.off));
-                // Each output's run of the batch, to its sink.
-                for run in batch.chunk_by(|a, b| a.output == b.output) {
-                    let writes: Vec<(usize, u64, &[u8])> =
-                        run.iter().map(|p| (p.tensor, p.off, &p.buf[..])).collect();
-                    if let Err(e) = self.work.sinks[run[0].output].write_batch(&writes) {
-                        // Which of the batch failed is not known: blame its first item.
-                        let item = batch.iter().map(|p| p.item).min().unwrap_or(0);
-                        *error = Some((item, e));
-                        self.failed.store(true, Ordering::Relaxed);
-                        break;
+            let bytes: usize = batch.iter().map(|p| p.buf.len()).sum();
+            if !self.failed() {
+                batch.sort_unstable_by_key(|p| (p.tensor, p.off));
+                let writes: Vec<(usize, u64, &[u8])> = batch
+                    .iter()
+                    .map(|p| (p.tensor, p.off, &p.buf[..]))
+                    .collect();
+                if let Err(e) = self.work.sinks[o].write_batch(&writes) {
+                    // Which of the batch failed is not known: blame its first item.
+                    let item = batch.iter().map(|p| p.item).min().unwrap_or(0);
+                    let mut first = lock(&self.error);
+                    if first.as_ref().is_none_or(|(i, _)| item < *i) {
+                        *first = Some((item, e));
                     }
+                    self.failed.store(true, Ordering::Relaxed);
                 }
             }
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
             lock(&self.pool).extend(batch.into_iter().map(|p| p.buf));
         }
     }
@@ -241,14 +274,22 @@ impl<'a> Writes<'a> {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Writes whatever is queued.
+    /// Writes whatever is queued: first the outputs no other worker is writing, then the
+    /// others once it is done.
     fn finish(&self) {
-        self.drain(lock(&self.writer));
+        for (o, out) in self.outputs.iter().enumerate() {
+            if let Ok(w) = out.writer.try_lock() {
+                self.drain(o, w);
+            }
+        }
+        for (o, out) in self.outputs.iter().enumerate() {
+            self.drain(o, lock(&out.writer));
+        }
     }
 
     /// The first failed write, with its item.
     fn into_error(self) -> Option<(usize, Error)> {
-        self.writer
+        self.error
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -502,13 +543,15 @@ fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratc
         return ctx.write_everywhere(job, item.start * osize as u64, inputs[0]);
     }
     for (o, buf) in outs.iter_mut().enumerate() {
-        *buf = ctx.writes.submit(Pending {
-            item: index,
-            output: o,
-            tensor: job.tensor,
-            off: item.start * osize as u64,
-            buf: std::mem::take(buf),
-        });
+        *buf = ctx.writes.submit(
+            o,
+            Pending {
+                item: index,
+                tensor: job.tensor,
+                off: item.start * osize as u64,
+                buf: std::mem::take(buf),
+            },
+        );
     }
     Ok(())
 }

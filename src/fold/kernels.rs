@@ -134,6 +134,18 @@ fn fold_into_impl(
         .zip(inputs)
         .all(|(d, x)| x.len() == n * d.size()));
     let same = dtypes.iter().all(|&d| d == dtypes[0]);
+    if k > 1 && same {
+        let conv = match dtypes[0] {
+            DType::F32 => Some(Conv::F32),
+            DType::BF16 => Some(Conv::BF16),
+            DType::F16 => Some(Conv::F16),
+            DType::F64 => Some(Conv::F64),
+            _ => None,
+        };
+        if let Some(conv) = conv {
+            return fold_multi(conv, weights, inputs, n, out_dtype, outs, &mut check);
+        }
+    }
     let mut acc = [0f64; BLOCK];
     for b in (0..n).step_by(BLOCK) {
         let e = (b + BLOCK).min(n);
@@ -199,6 +211,141 @@ fn fold_block_same<const S: usize>(
         *a = weights[0] * conv(input(0, i, 1).try_into().unwrap());
         for (k, &w) in weights.iter().enumerate().skip(1) {
             *a += w * conv(input(k, i, 1).try_into().unwrap());
+        }
+    }
+}
+
+/// The input dtypes [`fold_multi`] decodes.
+#[derive(Clone, Copy)]
+enum Conv {
+    F32,
+    BF16,
+    F16,
+    F64,
+}
+
+/// Outputs folded together by [`fold_block_multi`]: their sums of a group of elements stay in
+/// registers while the group of every input is decoded once for all of them.
+const GROUP: usize = 4;
+
+/// [`fold_into_impl`] for several outputs of inputs of one dtype: each element of every input
+/// is loaded and decoded once for [`GROUP`] outputs, instead of once per output. Same
+/// operations in the same order as the one-output fold, so the same bits.
+#[inline(always)]
+fn fold_multi(
+    conv: Conv,
+    weights: &[f64],
+    inputs: &[&[u8]],
+    n: usize,
+    out_dtype: DType,
+    outs: &mut [&mut [u8]],
+    check: &mut impl FnMut(usize, &[f64]),
+) {
+    let osize = out_dtype.size();
+    let sources = inputs.len();
+    let mut accs = [[0f64; BLOCK]; GROUP];
+    // The weights of each group of outputs, input by input: `wt[first·S + k·G + j]` for
+    // output `first + j` of the group of `G` outputs from `first`.
+    let k = outs.len();
+    let groups = || (0..k).step_by(GROUP).map(move |f| (f, GROUP.min(k - f)));
+    let mut wt = Vec::with_capacity(weights.len());
+    for (first, g) in groups() {
+        for k in 0..sources {
+            wt.extend((first..first + g).map(|o| weights[o * sources + k]));
+        }
+    }
+    for b in (0..n).step_by(BLOCK) {
+        let e = (b + BLOCK).min(n);
+        // Every group folds the same block of the inputs, from L1 after the first.
+        for (first, g) in groups() {
+            let wt = &wt[first * sources..(first + g) * sources];
+            let accs = &mut accs[..g];
+            macro_rules! run {
+                ($g:literal) => {{
+                    let accs: &mut [[f64; BLOCK]; $g] = accs.try_into().unwrap();
+                    let f32c = |b: [u8; 4]| f32::from_le_bytes(b) as f64;
+                    match conv {
+                        Conv::F32 => fold_block_multi::<4, $g>(f32c, wt, inputs, b, e, accs),
+                        Conv::BF16 => {
+                            fold_block_multi::<2, $g>(bf16_bytes_to_f64, wt, inputs, b, e, accs)
+                        }
+                        Conv::F16 => {
+                            fold_block_multi::<2, $g>(f16_bytes_to_f64, wt, inputs, b, e, accs)
+                        }
+                        Conv::F64 => {
+                            fold_block_multi::<8, $g>(f64::from_le_bytes, wt, inputs, b, e, accs)
+                        }
+                    }
+                }};
+            }
+            match g {
+                1 => run!(1),
+                2 => run!(2),
+                3 => run!(3),
+                _ => run!(4),
+            }
+            for (j, acc) in accs.iter().enumerate() {
+                let acc = &acc[..e - b];
+                check(first + j, acc);
+                encode_impl(out_dtype, acc, &mut outs[first + j][b * osize..e * osize]);
+            }
+        }
+    }
+}
+
+/// Elements of a group of [`fold_block_multi`]: with four outputs, eight AVX-512 registers
+/// of sums.
+const MULTI_LANES: usize = 16;
+
+/// Folds elements `b .. e` of inputs of the `S`-byte dtype that `conv` decodes into the `K`
+/// accumulators `accs`, with the weights `wt[k·K + j]` of input `k` and output `j`.
+#[inline(always)]
+fn fold_block_multi<const S: usize, const K: usize>(
+    conv: impl Fn([u8; S]) -> f64,
+    wt: &[f64],
+    inputs: &[&[u8]],
+    b: usize,
+    e: usize,
+    accs: &mut [[f64; BLOCK]; K],
+) {
+    let len = e - b;
+    let full = len - len % MULTI_LANES;
+    let (w0, wt) = wt.split_at(K);
+    let w0: &[f64; K] = w0.try_into().unwrap();
+    for g in (0..full).step_by(MULTI_LANES) {
+        let start = (b + g) * S;
+        let decode = |x: &[u8]| -> [f64; MULTI_LANES] {
+            let x = &x[start..start + MULTI_LANES * S];
+            std::array::from_fn(|j| conv(x[j * S..j * S + S].try_into().unwrap()))
+        };
+        let x = decode(inputs[0]);
+        let mut a: [[f64; MULTI_LANES]; K] = std::array::from_fn(|o| {
+            let w = w0[o];
+            std::array::from_fn(|j| w * x[j])
+        });
+        for (input, w) in inputs[1..].iter().zip(wt.chunks_exact(K)) {
+            let x = decode(input);
+            for (a, &w) in a.iter_mut().zip(w) {
+                for (a, &x) in a.iter_mut().zip(&x) {
+                    *a += w * x;
+                }
+            }
+        }
+        for (acc, a) in accs.iter_mut().zip(&a) {
+            acc[g..g + MULTI_LANES].copy_from_slice(a);
+        }
+    }
+    for i in full..len {
+        let at = |x: &[u8]| conv(x[(b + i) * S..(b + i + 1) * S].try_into().unwrap());
+        let x = at(inputs[0]);
+        for (acc, &w) in accs.iter_mut().zip(w0) {
+            acc[i] = w * x;
+        }
+        for (input, w) in inputs[1..].iter().zip(wt.chunks_exact(K)) {
+            let x = at(input);
+            for (acc, &w) in accs.iter_mut().zip(w) {
+                acc[i] += w * x;
+            }
         }
     }
 }
@@ -293,44 +440,57 @@ mod tests {
 
     #[test]
     fn several_outputs_are_each_the_fold_of_their_own_weights() {
-        let n = 1300;
+        // Nine outputs: two full groups of the fused kernel and one of one output; lengths
+        // that end inside a group of lanes and inside a block.
         let mut rng = Rng::new(11);
         let mut next = || rng.float(0.5);
+        let rows: Vec<[f64; 3]> = (0..9)
+            .map(|o| match o {
+                0 => [0.2, 0.3, 0.5],
+                1 => [0.9, 0.05, 0.05],
+                2 => [0.0, 0.0, 1.0],
+                3 => [-0.0, 1e-4, 0.9999],
+                _ => [0.1 * o as f64, 0.5, 1.0 - 0.1 * o as f64 - 0.5],
+            })
+            .collect();
         for dtypes in [
             vec![DType::F32; 3],
+            vec![DType::BF16; 3],
+            vec![DType::F16; 3],
+            vec![DType::F64; 3],
             vec![DType::BF16, DType::F32, DType::F16],
         ] {
-            let inputs: Vec<Vec<u8>> = dtypes
-                .iter()
-                .map(|&d| {
-                    let vals: Vec<f64> = (0..n).map(|_| next()).collect();
-                    let mut b = vec![0u8; n * d.size()];
-                    encode(d, &vals, &mut b);
-                    b
-                })
-                .collect();
-            let inputs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
-            let rows = [
-                [0.2, 0.3, 0.5],
-                [0.9, 0.05, 0.05],
-                [0.0, 0.0, 1.0],
-                [1e-4, 0.5, 0.4999],
-            ];
-            let one = |w: &[f64]| {
-                let mut out = vec![0u8; n * 4];
-                fold_into(&dtypes, w, &inputs, DType::F32, &mut [&mut out], |_, _| {});
-                out
-            };
-            let mut outs = vec![vec![0u8; n * 4]; rows.len()];
-            let mut refs: Vec<&mut [u8]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            let flat: Vec<f64> = rows.iter().flatten().copied().collect();
-            let mut seen = [0usize; 4];
-            fold_into(&dtypes, &flat, &inputs, DType::F32, &mut refs, |o, acc| {
-                seen[o] += acc.len()
-            });
-            for (o, w) in rows.iter().enumerate() {
-                assert_eq!(outs[o], one(w), "output {o}");
-                assert_eq!(seen[o], n, "output {o} checked once per element");
+            for n in [1, 17, 1300] {
+                let inputs: Vec<Vec<u8>> = dtypes
+                    .iter()
+                    .map(|&d| {
+                        let vals: Vec<f64> = (0..n).map(|_| next()).collect();
+                        let mut b = vec![0u8; n * d.size()];
+                        encode(d, &vals, &mut b);
+                        b
+                    })
+                    .collect();
+                let inputs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+                let one = |w: &[f64]| {
+                    let mut out = vec![0u8; n * 4];
+                    fold_into(&dtypes, w, &inputs, DType::F32, &mut [&mut out], |_, _| {});
+                    out
+                };
+                for k in [2, 4, 9] {
+                    let mut outs = vec![vec![0u8; n * 4]; k];
+                    let mut refs: Vec<&mut [u8]> =
+                        outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                    let flat: Vec<f64> = rows[..k].iter().flatten().copied().collect();
+                    let mut seen = vec![0usize; k];
+                    fold_into(&dtypes, &flat, &inputs, DType::F32, &mut refs, |o, acc| {
+                        seen[o] += acc.len()
+                    });
+                    for (o, w) in rows[..k].iter().enumerate() {
+                        let what = format!("{dtypes:?} × {n}, output {o} of {k}");
+                        assert_eq!(outs[o], one(w), "{what}");
+                        assert_eq!(seen[o], n, "{what}: checked once per element");
+                    }
+                }
             }
         }
     }
