@@ -258,7 +258,7 @@ impl<'a> Writes<'a> {
                     // Which of the batch failed is not known: blame its first item.
                     let item = batch.iter().map(|p| p.item).min().unwrap_or(0);
                     let mut first = lock(&self.error);
-                    if first.as_ref().is_none_or(|(i, _)| item < *i) {
+                    if first.as_ref().map_or(true, |(i, _)| item < *i) {
                         *first = Some((item, e));
                     }
                     self.failed.store(true, Ordering::Relaxed);

@@ -83,7 +83,10 @@ impl AtomicFile {
         // On tmpfs, fallocate allocates and zeroes every page, which the write then fills
         // again: a quarter of the time of a sweep's outputs. The free space is enough to know.
         const TMPFS_MAGIC: i64 = 0x0102_1994;
-        if rustix::fs::fstatfs(self.file()).is_ok_and(|s| s.f_type as i64 == TMPFS_MAGIC) {
+        // `f_type` is an i64 on x86-64 Linux and a u32 or i32 elsewhere.
+        #[allow(clippy::unnecessary_cast)]
+        let tmpfs = |s: rustix::fs::StatFs| s.f_type as i64 == TMPFS_MAGIC;
+        if rustix::fs::fstatfs(self.file()).is_ok_and(tmpfs) {
             if let Ok(v) = rustix::fs::fstatvfs(self.file()) {
                 if v.f_bavail.saturating_mul(v.f_frsize) < len {
                     return Err(full(std::io::Error::from_raw_os_error(libc::ENOSPC)));
