@@ -3,6 +3,7 @@
 
     python3 bench/run.py                    # the default suite (see SUITES), as in BENCHMARKS.md
     python3 bench/run.py --suite scaling    # 2, 8, 32 checkpoints × 256 MB and 2 × 4 GB
+    python3 bench/run.py --suite sweep      # sweeps of 4 and 8 decays against one fold
     python3 bench/run.py --count 8 --mix 16384x4096 --dtype bf16 --tools cat,ema,torch
 
 For each series it generates the checkpoints (examples/gen-series.rs, kept in the ignored
@@ -21,7 +22,9 @@ Tools: cat (read limit), ema, swa (ema-tool), ema-tmpfs (ema-tool writing to /de
 difference to `ema` is the cost of writing and fsyncing the output on disk), torch
 (bench/torch_ema.py, needs torch and safetensors in --python), ema-pread (ema-tool reading
 every input with pread instead of a mapping: --mapped-inputs 0), timm (timm's
-avg_checkpoints.py, when found or given with --timm-script). Then, untimed: ema-tool's
+avg_checkpoints.py, when found or given with --timm-script), sweep4 and sweep8 (one
+`ema-tool ema` run with 4 or 8 decays; -tmpfs: outputs on /dev/shm), sep4-tmpfs (4 runs of one
+decay each, one after the other). Then, untimed: ema-tool's
 output with 1 and 3 threads must be the same bytes as with the default, and is compared
 with the PyTorch script's; `ema-tool inspect` is timed on the largest checkpoint.
 Needs Linux, Python 3.9+ and cargo (to build ema-tool and the generator).
@@ -48,6 +51,11 @@ SUITES = {
         ("f32", 8, "64x1048576", "f32", "cat,ema,swa,ema-tmpfs,ema-pread,torch,timm"),
         ("bf16", 8, "64x2097152", "bf16", "cat,ema,swa,ema-tmpfs,torch,timm"),
         ("f32-small", 8, "16384x4096", "f32", "cat,ema,swa,torch"),
+    ],
+    # Sweeps (issue #11): one fold, 4- and 8-value sweeps and 4 separate runs, on tmpfs and disk.
+    "sweep": [
+        ("f32", 8, "64x1048576", "f32",
+         "ema-tmpfs,sweep4-tmpfs,sweep8-tmpfs,sep4-tmpfs,ema,sweep4,sweep8"),
     ],
     "scaling": [
         ("f32-x2", 2, "64x1048576", "f32", "cat,ema"),
@@ -158,10 +166,32 @@ TOOL_ENV = {}
 BASELINE = None
 
 
+# The decays of the sweeps.
+SWEEPS = {
+    4: "0.9,0.99,0.999,0.9999",
+    8: "0.9,0.95,0.99,0.995,0.999,0.9995,0.9999,0.99995",
+}
+
+
 def commands(tool, ema_tool, python, inputs, outdir, timm_script):
-    """The command of `tool` and the file it writes."""
+    """The command of `tool` and the file it writes (a directory for several)."""
     ins = [str(p) for p in inputs]
     out = outdir / f"{tool}.safetensors"
+    if tool.startswith(("sweep", "sep")):
+        # sweepK[-tmpfs]: one run with K decays; sep4[-tmpfs]: four runs of one decay each.
+        base = Path("/dev/shm") if tool.endswith("-tmpfs") else outdir
+        d = base / f"ema-tool-bench-{os.getpid()}-{tool}"
+        d.mkdir(exist_ok=True)
+        if tool.startswith("sweep"):
+            k = int(tool[len("sweep"):].split("-")[0])
+            return [str(ema_tool), "ema", "-q", "--decay", SWEEPS[k],
+                    "-o", str(d / "ema-{decay}.safetensors"), *ins], d
+        runs = [
+            " ".join([str(ema_tool), "ema", "-q", "--decay", v,
+                      "-o", str(d / f"ema-{v}.safetensors"), *ins])
+            for v in SWEEPS[4].split(",")
+        ]
+        return ["sh", "-c", " && ".join(runs)], d
     if tool == "cat":
         return ["cat", *ins], None
     if tool in ("ema", "swa"):
@@ -271,7 +301,9 @@ def bench_series(args, ema_tool, gen, name, count, mix, dtype, tools):
             if o is not None:
                 last = rep == args.reps - 1
                 m["sha256"] = sha256(o) if t in ("ema", "ema-pread", "ema-base") and last else None
-                if rep == args.reps - 1 and t in ("ema", "torch", "swa"):
+                if o.is_dir():
+                    shutil.rmtree(o)
+                elif rep == args.reps - 1 and t in ("ema", "torch", "swa"):
                     o.rename(outdir / f"last-{t}.safetensors")
                 else:
                     o.unlink()
@@ -334,6 +366,11 @@ def report(s):
         "ema-base": "`ema-tool ema`, --baseline binary",
         "torch": "PyTorch script (bench/torch_ema.py)",
         "timm": "timm avg_checkpoints.py",
+        "sweep4-tmpfs": "`ema-tool ema`, 4-value sweep, outputs on tmpfs",
+        "sweep8-tmpfs": "`ema-tool ema`, 8-value sweep, outputs on tmpfs",
+        "sep4-tmpfs": "`ema-tool ema` run 4 times, outputs on tmpfs",
+        "sweep4": "`ema-tool ema`, 4-value sweep",
+        "sweep8": "`ema-tool ema`, 8-value sweep",
     }
     for t, ms in res.items():
         w = median_spread([m["wall"] for m in ms])
@@ -362,6 +399,14 @@ def report(s):
     if "ema-tmpfs" in res and "ema" in res:
         r = ratio_median(res, "ema", "ema-tmpfs")
         lines.append(f"- output on disk (write + fsync) / on tmpfs: {r[0]:.2f} [{r[1]:.2f}–{r[2]:.2f}]")
+    for one, suffix, where in (("ema-tmpfs", "-tmpfs", "outputs on tmpfs"), ("ema", "", "on disk")):
+        for t, what in ((f"sweep4{suffix}", "4-value sweep"), (f"sweep8{suffix}", "8-value sweep"),
+                        (f"sep4{suffix}", "4 separate runs")):
+            if t in res and one in res:
+                r = ratio_median(res, t, one)
+                c = statistics.median(a["cpu"] / b["cpu"] for a, b in zip(res[t], res[one]))
+                lines.append(f"- {what} / one fold, {where}: **{r[0]:.2f}×** wall "
+                             f"[{r[1]:.2f}–{r[2]:.2f}], {c:.2f}× CPU")
     for k, v in s["checks"].items():
         lines.append(f"- {k}: {v if not isinstance(v, float) else f'{v:.3g}'}")
     for n in s["notes"]:
@@ -382,6 +427,14 @@ def targets(s):
     if "torch" in res and "ema" in res:
         r = ratio_median(res, "torch", "ema")[0]
         out.append((f"{s['name']}: ≥ 10× faster than the PyTorch script", r >= 10, f"{r:.1f}×"))
+    for t, bound in (("sweep4-tmpfs", 2.0), ("sweep8-tmpfs", 3.0)):
+        if t in res and "ema-tmpfs" in res:
+            r = ratio_median(res, t, "ema-tmpfs")[0]
+            out.append((f"{s['name']}: {t} wall ≤ {bound} × one fold", r <= bound, f"{r:.2f}×"))
+    sweeps = [m for t in res if t.startswith("sweep") for m in res[t]]
+    if sweeps:
+        rss = max(m["rss_mib"] for m in sweeps)
+        out.append((f"{s['name']}: sweep peak RSS < 128 MiB", rss < 128, f"{rss:.0f} MiB"))
     ms = s["checks"].get("inspect ms (median of 20)")
     if ms is not None:
         out.append((f"{s['name']}: inspect < 20 ms", ms < 20, f"{ms} ms"))
