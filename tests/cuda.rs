@@ -221,3 +221,52 @@ CUresult cuGetErrorString(CUresult e, const char** s) {
         }
     }
 }
+
+#[test]
+fn a_sweep_on_the_device_fails_cleanly_or_matches_the_cpu() {
+    let dir = tmp();
+    let ins = inputs(dir.path());
+    let decays = ["0.5", "0.9", "0.99"];
+    let run = |device: &str| {
+        let template = dir
+            .path()
+            .join(format!("sweep-{device}-{{decay}}.safetensors"));
+        let mut args = vec![
+            "ema".to_string(),
+            "--decay".into(),
+            decays.join(","),
+            "-o".into(),
+            template.to_str().unwrap().into(),
+            "--device".into(),
+            device.into(),
+        ];
+        args.extend(ins.iter().map(|p| p.to_str().unwrap().to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let outs: Vec<PathBuf> = decays
+            .iter()
+            .map(|d| dir.path().join(format!("sweep-{device}-{d}.safetensors")))
+            .collect();
+        (ema_tool(&args, &[]), outs)
+    };
+    let (cpu, cpu_outs) = run("cpu");
+    assert!(cpu.status.success(), "{}", stderr(&cpu));
+    let (gpu, gpu_outs) = run("cuda");
+    assert!(
+        gpu.status.success() || !gpu_required(),
+        "a sweep with --device cuda fails on a machine with a GPU: {}",
+        stderr(&gpu)
+    );
+    if gpu.status.success() {
+        for (c, g) in cpu_outs.iter().zip(&gpu_outs) {
+            assert!(
+                std::fs::read(c).unwrap() == std::fs::read(g).unwrap(),
+                "{}: --device cuda and --device cpu differ",
+                g.display()
+            );
+        }
+    } else {
+        for g in &gpu_outs {
+            assert_clean_cuda_failure(&gpu, g);
+        }
+    }
+}

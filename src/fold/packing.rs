@@ -2,9 +2,10 @@
 //! byte layout of the buffers that the CUDA kernels (`cuda/kernels.cu`) read and write.
 //!
 //! A [`Batch`] is a list of segments (element ranges of fold jobs) laid end to end in one
-//! accumulator array. For input `k` of its jobs, a *piece* is one host-to-device transfer: the
-//! segment table followed by the raw bytes of input `k` of every segment, as they are in the
-//! files. Small tensors thus share launches and copies, and a large tensor is split over
+//! accumulator array per output (a sweep has K outputs, `K` arrays one after the other). For
+//! input `k` of its jobs, a *piece* is one host-to-device transfer: the segment table, the K
+//! weights of input `k` of every segment, then the raw bytes of input `k` of every segment, as
+//! they are in the files: each input is copied to the device once for all the outputs. Small tensors thus share launches and copies, and a large tensor is split over
 //! batches. This module is plain Rust, compiled with or without the `cuda` feature, so that the
 //! layout and the kernels can be tested on a machine without a GPU (see the tests, which run
 //! the kernels through the host C compiler).
@@ -49,7 +50,7 @@ pub fn dtype_code(d: DType) -> u32 {
 }
 
 /// Caps on one batch.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Bytes of input data in one piece (padding included).
     pub data_bytes: u64,
@@ -68,6 +69,19 @@ impl Default for Limits {
             data_bytes: 64 << 20,
             elems: 16 << 20,
             segments: 16 << 10,
+        }
+    }
+}
+
+impl Limits {
+    /// The default limits for `outputs` outputs: the accumulators of all of them together are
+    /// no more than those of one output by default (128 MiB of f64).
+    pub fn for_outputs(outputs: usize) -> Limits {
+        let d = Limits::default();
+        let elems = (d.elems / outputs.max(1) as u64).max(ELEMS_PER_BLOCK);
+        Limits {
+            elems: elems - elems % ELEMS_PER_BLOCK,
+            ..d
         }
     }
 }
@@ -96,8 +110,11 @@ pub struct Batch {
     pub elems: u64,
     /// Blocks of each launch.
     pub blocks: u32,
-    /// Bytes of encoded output (after [`OUT_HEADER`]).
+    /// Bytes of encoded output of each output (after [`OUT_HEADER`], the outputs one after
+    /// the other).
     pub out_bytes: u64,
+    /// Outputs: the rows of weights of each input, and the accumulator arrays.
+    pub outputs: usize,
     /// Input data bytes so far, padding included (while planning).
     data: u64,
 }
@@ -114,10 +131,15 @@ fn fold_parts<'j>(job: &'j Job) -> Option<(&'j [Piece<'j>], &'j [f64])> {
     }
 }
 
-/// Splits the fold jobs among `jobs` into batches, in job order. Copy jobs are left out.
-pub fn plan(jobs: &[Job], limits: Limits) -> Vec<Batch> {
+/// Splits the fold jobs among `jobs` (of `outputs` outputs) into batches, in job order. Copy
+/// jobs are left out.
+pub fn plan(jobs: &[Job], outputs: usize, limits: Limits) -> Vec<Batch> {
     let mut batches = Vec::new();
-    let mut cur = Batch::default();
+    let fresh = || Batch {
+        outputs,
+        ..Batch::default()
+    };
+    let mut cur = fresh();
     for (j, job) in jobs.iter().enumerate() {
         let Some((sources, _)) = fold_parts(job) else {
             continue;
@@ -137,7 +159,7 @@ pub fn plan(jobs: &[Job], limits: Limits) -> Vec<Batch> {
             let n = (numel - start).min(room_elems).min(room_data);
             if n == 0 || cur.segments.len() == limits.segments {
                 assert!(!cur.segments.is_empty(), "limits too small for one element");
-                batches.push(std::mem::take(&mut cur));
+                batches.push(std::mem::replace(&mut cur, fresh()));
                 continue;
             }
             cur.segments.push(Segment {
@@ -163,9 +185,15 @@ pub fn plan(jobs: &[Job], limits: Limits) -> Vec<Batch> {
 }
 
 impl Batch {
-    /// Bytes of the segment table, padded to where the data starts.
-    pub fn table_bytes(&self) -> u64 {
+    /// Bytes of the segment table, padded to where the weights start.
+    fn seg_table_bytes(&self) -> u64 {
         align((self.segments.len() * SEG_BYTES) as u64, TABLE_ALIGN)
+    }
+
+    /// Bytes of the segment table and the weights, padded to where the data starts.
+    pub fn table_bytes(&self) -> u64 {
+        let weights = (self.segments.len() * self.outputs * 8) as u64;
+        self.seg_table_bytes() + align(weights, TABLE_ALIGN)
     }
 
     /// Bytes of piece `k`: table and data.
@@ -191,7 +219,10 @@ impl Batch {
     ) -> Result<(usize, u64)> {
         const PART: usize = 8 << 20;
         let table = self.table_bytes() as usize;
+        let segs_end = self.seg_table_bytes() as usize;
+        let kk = self.outputs;
         let (head, mut rest) = buf.split_at_mut(table);
+        let (head, weight_rows) = head.split_at_mut(segs_end);
         let mut pos = table;
         let mut reads: Vec<(Piece, u64, &mut [u8])> = Vec::new();
         let mut total = 0u64;
@@ -201,7 +232,11 @@ impl Batch {
             let out_dtype = job.dtype;
             let converts = sources.iter().any(|p| p.dtype != out_dtype);
             let mut flags = if converts { FLAG_CONVERTS } else { 0 };
-            let (src_off, in_code, weight) = match sources.get(k) {
+            // This segment's weight of input `k` in every output.
+            let row_at = segs_end + i * kk * 8;
+            let row = &mut weight_rows[i * kk * 8..(i + 1) * kk * 8];
+            let s_count = sources.len();
+            let (src_off, in_code) = match sources.get(k) {
                 Some(s) => {
                     let dtype = s.dtype;
                     let size = dtype.size();
@@ -221,15 +256,21 @@ impl Batch {
                     if k == 0 {
                         flags |= FLAG_FIRST;
                     }
-                    (at as u64, dtype_code(dtype), weights[k])
+                    for (o, w) in row.chunks_exact_mut(8).enumerate() {
+                        w.copy_from_slice(&weights[o * s_count + k].to_le_bytes());
+                    }
+                    (at as u64, dtype_code(dtype))
                 }
-                None => (0, 0, 0.0),
+                None => {
+                    row.fill(0);
+                    (0, 0)
+                }
             };
             let e = &mut head[i * SEG_BYTES..(i + 1) * SEG_BYTES];
             e[0..8].copy_from_slice(&seg.acc.to_le_bytes());
             e[8..16].copy_from_slice(&src_off.to_le_bytes());
             e[16..24].copy_from_slice(&seg.out.to_le_bytes());
-            e[24..32].copy_from_slice(&weight.to_le_bytes());
+            e[24..32].copy_from_slice(&(row_at as u64).to_le_bytes());
             e[32..36].copy_from_slice(&(seg.count as u32).to_le_bytes());
             e[36..40].copy_from_slice(&seg.first_block.to_le_bytes());
             e[40..44].copy_from_slice(&in_code.to_le_bytes());
@@ -243,15 +284,27 @@ impl Batch {
         Ok((pos, total))
     }
 
-    /// Writes the batch's encoded outputs (`out`, the output buffer after [`OUT_HEADER`]) to
-    /// `sink`.
-    pub fn write_out(&self, jobs: &[Job], out: &[u8], sink: &dyn Sink) -> Result<()> {
-        for seg in &self.segments {
-            let job = &jobs[seg.job];
-            let size = job.dtype.size() as u64;
-            let at = seg.out as usize;
-            let bytes = &out[at..at + (seg.count * size) as usize];
-            sink.write(job.tensor, seg.start * size, bytes)?;
+    /// Writes the batch's encoded outputs (`out`, the output buffer after [`OUT_HEADER`]:
+    /// [`Batch::out_bytes`] for each output, one after the other) to `sinks`, one batch of
+    /// writes per output.
+    pub fn write_out(&self, jobs: &[Job], out: &[u8], sinks: &[&dyn Sink]) -> Result<()> {
+        for (o, sink) in sinks.iter().enumerate().take(self.outputs) {
+            let out = &out[o * self.out_bytes as usize..];
+            let writes: Vec<(usize, u64, &[u8])> = self
+                .segments
+                .iter()
+                .map(|seg| {
+                    let job = &jobs[seg.job];
+                    let size = job.dtype.size() as u64;
+                    let at = seg.out as usize;
+                    (
+                        job.tensor,
+                        seg.start * size,
+                        &out[at..at + (seg.count * size) as usize],
+                    )
+                })
+                .collect();
+            sink.write_batch(&writes)?;
         }
         Ok(())
     }

@@ -1,8 +1,9 @@
 // The fold kernels of the CUDA executor, compiled at run time by NVRTC (fold/cuda.rs).
 //
-// One launch of ema_accumulate per (batch, input): acc[e] (=|+=) w * x[e], decoding x from the
-// raw little-endian bytes of the input as they were read from the file. One launch of
-// ema_encode per batch: the accumulators rounded to each tensor's output dtype. The arithmetic
+// One launch of ema_accumulate per (batch, input): acc_o[e] (=|+=) w_o * x[e] for every output
+// o of the fold (a sweep has several), decoding x from the raw little-endian bytes of the input
+// as they were read from the file, once for all the outputs. One launch of ema_encode per
+// (batch, output): the accumulators rounded to each tensor's output dtype. The arithmetic
 // is the CPU path's (fold/kernels.rs) operation for operation: f64 accumulators, unfused
 // multiply then add, the same encoders, so the two paths write the same bytes.
 //
@@ -61,7 +62,7 @@ typedef struct {
     u64 acc;         // index of its first accumulator
     u64 src;         // byte offset of its input data in the piece buffer
     u64 out;         // byte offset of its encoded output in the output buffer
-    double weight;   // weight of this input
+    u64 weights;     // byte offset in the piece of this input's weight in every output (f64s)
     u32 count;       // elements
     u32 first_block; // first block of the launch that works on it
     u32 in_dtype;    // DT_* of this input; DT_NONE: the tensor has no input in this piece
@@ -238,23 +239,28 @@ EMA_DEVICE u32 find_seg(const Seg* segs, u32 nseg, u32 b) {
     return lo;
 }
 
-// acc (=|+=) weight * x for every segment of one input's piece: `piece` starts with the
-// segment table, the input data follows at each segment's `src`.
-EMA_KERNEL void ema_accumulate(const u8* piece, u32 nseg, double* acc) {
+// acc_o (=|+=) weight_o * x for every segment of one input's piece and every output o < nout:
+// `piece` starts with the segment table, then the weights, then the input data at each
+// segment's `src`; output o's accumulators start at acc + o * stride.
+EMA_KERNEL void ema_accumulate(const u8* piece, u32 nseg, u32 nout, double* acc, u64 stride) {
     const Seg* segs = (const Seg*)piece;
     const Seg* g = &segs[find_seg(segs, nseg, blockIdx.x)];
     u32 dt = g->in_dtype;
     if (dt == DT_NONE) return;
     const u8* src = piece + g->src;
     double* a = acc + g->acc;
-    double w = g->weight;
+    const double* w = (const double*)(piece + g->weights);
     u64 begin = (u64)(blockIdx.x - g->first_block) * (BLOCK * ITEMS) + threadIdx.x;
     u32 first = g->flags & FLAG_FIRST;
     for (u32 i = 0; i < ITEMS; i++) {
         u64 e = begin + (u64)i * BLOCK;
         if (e >= g->count) break;
-        double wx = __dmul_rn(w, load(src, e, dt));
-        a[e] = first ? wx : __dadd_rn(a[e], wx);
+        double x = load(src, e, dt);
+        for (u32 o = 0; o < nout; o++) {
+            double wx = __dmul_rn(w[o], x);
+            double* p = a + o * stride + e;
+            *p = first ? wx : __dadd_rn(*p, wx);
+        }
     }
 }
 

@@ -15,7 +15,8 @@
 //! ```text
 //! producer thread   reads piece p into pinned slot p % SLOTS (positioned reads, in parallel)
 //! h2d stream        copies the slot to device slot p % SLOTS
-//! compute stream    ema_accumulate on it; after a batch's last input, ema_encode
+//! compute stream    ema_accumulate on it (into every output's accumulators); after a
+//!                   batch's last input, ema_encode for each output
 //! d2h stream        copies the encoded batch to one of two pinned output buffers
 //! issuing thread    queues all of the above, without waiting on the device
 //! writer thread     waits for each batch's output and writes it to the sink
@@ -60,12 +61,6 @@ pub fn execute(device: usize, work: &Work) -> Result<()> {
     }
     if folds.is_empty() {
         return Ok(());
-    }
-    if work.outputs() != 1 {
-        return Err(Error::Cuda(format!(
-            "a fold into {} outputs at once runs on the CPU only (--device cpu)",
-            work.outputs()
-        )));
     }
     guarded(|| pipeline::fold(&Gpu::open(device)?, work, &folds))
 }

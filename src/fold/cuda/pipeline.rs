@@ -14,9 +14,11 @@ use crate::error::{Error, Result};
 use crate::fold::packing::{self, Batch, Limits, OUT_HEADER};
 use crate::fold::{Job, Progress, Work};
 
-/// Runs the fold jobs `jobs` of `work` (one output) on `gpu`.
+/// Runs the fold jobs `jobs` of `work` on `gpu`: every input range is copied to the device
+/// once, and enters the accumulators of all the outputs.
 pub(super) fn fold(gpu: &Gpu, work: &Work, jobs: &[Job]) -> Result<()> {
-    let batches = packing::plan(jobs, Limits::default());
+    let outputs = work.outputs();
+    let batches = packing::plan(jobs, outputs, Limits::for_outputs(outputs));
     if batches.is_empty() {
         return Ok(());
     }
@@ -31,8 +33,8 @@ pub(super) fn fold(gpu: &Gpu, work: &Work, jobs: &[Job]) -> Result<()> {
             .map(|&(b, k)| batches[b].piece_bytes(jobs, k))
             .max()
             .unwrap_or(0) as usize,
-        out: OUT_HEADER + batches.iter().map(|b| b.out_bytes).max().unwrap_or(0) as usize,
-        acc: batches.iter().map(|b| b.elems).max().unwrap_or(0) as usize,
+        out: OUT_HEADER + outputs * batches.iter().map(|b| b.out_bytes).max().unwrap_or(0) as usize,
+        acc: outputs * batches.iter().map(|b| b.elems).max().unwrap_or(0) as usize,
     };
     let module = gpu.compile()?;
     let function = |name: &str| {
@@ -247,10 +249,14 @@ impl Run<'_> {
         let out: Vec<u64> = mem.out.iter().map(ptr).collect();
         let acc = mem.acc.device_ptr(&streams.compute).0;
         let finite = u32::from(self.work.opts.finite);
+        let nout = self.work.outputs() as u32;
         let mut p = 0;
         for (b, batch) in self.batches.iter().enumerate() {
             let side = b % 2;
             let nseg = batch.segments.len() as u32;
+            // Output o's accumulators start `stride` elements after output o − 1's, and its
+            // encoded bytes `out_bytes` after.
+            let stride = batch.elems;
             let cfg = LaunchConfig {
                 grid_dim: (batch.blocks, 1, 1),
                 block_dim: (packing::BLOCK, 1, 1),
@@ -279,9 +285,15 @@ impl Run<'_> {
                     .wait(&ev.copied[slot])
                     .or_cuda("stream wait")?;
                 let mut launch = streams.compute.launch_builder(&kernels.accumulate);
-                launch.arg(&raw[slot]).arg(&nseg).arg(&acc);
+                launch
+                    .arg(&raw[slot])
+                    .arg(&nseg)
+                    .arg(&nout)
+                    .arg(&acc)
+                    .arg(&stride);
                 // SAFETY: the arguments are those of ema_accumulate; the piece's table describes
-                // segments within the piece and the accumulators (packing.rs).
+                // segments within the piece and the accumulators, `nout` arrays of `stride`
+                // (packing.rs), which the accumulator buffer holds.
                 unsafe { launch.launch(cfg) }.or_cuda("ema_accumulate")?;
                 if k + 1 == batch.pieces {
                     // The output buffer's previous batch has reached the host.
@@ -290,21 +302,25 @@ impl Run<'_> {
                         .wait(&ev.downloaded[side])
                         .or_cuda("stream wait")?;
                     let counts = out[side];
-                    let data = counts + OUT_HEADER as u64;
                     // SAFETY: the counters are the first 8 bytes of the output buffer.
                     unsafe { drv::memset_d8_async(counts, 0, 8, streams.compute.cu_stream()) }
                         .or_cuda("memset")?;
-                    let mut launch = streams.compute.launch_builder(&kernels.encode);
-                    launch
-                        .arg(&raw[slot])
-                        .arg(&nseg)
-                        .arg(&acc)
-                        .arg(&data)
-                        .arg(&counts)
-                        .arg(&finite);
-                    // SAFETY: the arguments are those of ema_encode; the output buffer holds
-                    // OUT_HEADER + out_bytes of every batch.
-                    unsafe { launch.launch(cfg) }.or_cuda("ema_encode")?;
+                    for o in 0..u64::from(nout) {
+                        let acc_o = acc + o * stride * 8;
+                        let data = counts + OUT_HEADER as u64 + o * batch.out_bytes;
+                        let mut launch = streams.compute.launch_builder(&kernels.encode);
+                        launch
+                            .arg(&raw[slot])
+                            .arg(&nseg)
+                            .arg(&acc_o)
+                            .arg(&data)
+                            .arg(&counts)
+                            .arg(&finite);
+                        // SAFETY: the arguments are those of ema_encode; output o's
+                        // accumulators and encoded bytes lie within their buffers, which hold
+                        // `nout` of every batch's (and OUT_HEADER).
+                        unsafe { launch.launch(cfg) }.or_cuda("ema_encode")?;
+                    }
                     ev.encoded[side].record(&streams.compute).or_cuda("event")?;
                 }
                 ev.consumed[slot]
@@ -316,7 +332,7 @@ impl Run<'_> {
             self.flow.wait_written(b.saturating_sub(1))?;
             streams.d2h.wait(&ev.encoded[side]).or_cuda("stream wait")?;
             {
-                let n = OUT_HEADER + batch.out_bytes as usize;
+                let n = OUT_HEADER + nout as usize * batch.out_bytes as usize;
                 // SAFETY: nothing reads the buffer: the writer is done with batch b - 2 and
                 // reads batch b only after `downloaded[side]`, recorded below.
                 let host = unsafe { &mut mem.out_host[side].bytes_mut()[..n] };
@@ -365,7 +381,7 @@ impl Run<'_> {
         if counts != [0, 0] {
             return Err(batch.error_from_cpu(self.work, self.jobs, counts));
         }
-        let end = OUT_HEADER + batch.out_bytes as usize;
-        batch.write_out(self.jobs, &out[OUT_HEADER..end], self.work.sinks[0])
+        let end = OUT_HEADER + batch.outputs * batch.out_bytes as usize;
+        batch.write_out(self.jobs, &out[OUT_HEADER..end], self.work.sinks)
     }
 }

@@ -50,7 +50,7 @@ int main(int argc, char** argv) {
     if (argc == 2 && !strcmp(argv[1], "layout")) {
         printf("%zu %zu %zu %zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(Seg),
                offsetof(Seg, acc), offsetof(Seg, src), offsetof(Seg, out),
-               offsetof(Seg, weight), offsetof(Seg, count), offsetof(Seg, first_block),
+               offsetof(Seg, weights), offsetof(Seg, count), offsetof(Seg, first_block),
                offsetof(Seg, in_dtype), offsetof(Seg, out_dtype), offsetof(Seg, flags),
                (size_t)(BLOCK * ITEMS));
         return 0;
@@ -89,14 +89,15 @@ int main(int argc, char** argv) {
         free(out);
         return 0;
     }
-    if (argc == 9 && !strcmp(argv[1], "batch")) {
-        /* DIR PIECES NSEG BLOCKS ELEMS OUT_BYTES CHECK_FINITE: reads DIR/piece.<k>, writes DIR/out */
+    if (argc == 10 && !strcmp(argv[1], "batch")) {
+        /* DIR PIECES NSEG BLOCKS ELEMS OUT_BYTES CHECK_FINITE NOUT: reads DIR/piece.<k>,
+           writes DIR/out (the counters, then each output's OUT_BYTES) */
         const char* dir = argv[2];
         u32 pieces = (u32)atoi(argv[3]), nseg = (u32)atoi(argv[4]), blocks = (u32)atoi(argv[5]);
         size_t elems = (size_t)atoll(argv[6]), out_bytes = (size_t)atoll(argv[7]);
-        u32 check = (u32)atoi(argv[8]);
-        double* acc = (double*)malloc(elems * 8 + 8);
-        for (size_t i = 0; i < elems; i++) acc[i] = 12345.0; /* garbage: FIRST must overwrite */
+        u32 check = (u32)atoi(argv[8]), nout = (u32)atoi(argv[9]);
+        double* acc = (double*)malloc(nout * elems * 8 + 8);
+        for (size_t i = 0; i < nout * elems; i++) acc[i] = 12345.0; /* garbage: FIRST must overwrite */
         u8* piece = NULL;
         for (u32 k = 0; k < pieces; k++) {
             size_t len;
@@ -107,18 +108,20 @@ int main(int argc, char** argv) {
                 for (u32 t = 0; t < BLOCK; t++) {
                     blockIdx.x = b;
                     threadIdx.x = t;
-                    ema_accumulate(piece, nseg, acc);
+                    ema_accumulate(piece, nseg, nout, acc, (u64)elems);
                 }
         }
-        u8* out = (u8*)calloc(256 + out_bytes, 1);
-        for (u32 b = 0; b < blocks; b++)
-            for (u32 t = 0; t < BLOCK; t++) {
-                blockIdx.x = b;
-                threadIdx.x = t;
-                ema_encode(piece, nseg, acc, out + 256, (u32*)out, check);
-            }
+        u8* out = (u8*)calloc(256 + nout * out_bytes, 1);
+        for (u32 o = 0; o < nout; o++)
+            for (u32 b = 0; b < blocks; b++)
+                for (u32 t = 0; t < BLOCK; t++) {
+                    blockIdx.x = b;
+                    threadIdx.x = t;
+                    ema_encode(piece, nseg, acc + o * elems, out + 256 + o * out_bytes,
+                               (u32*)out, check);
+                }
         snprintf(path, sizeof path, "%s/out", dir);
-        spill(path, out, 256 + out_bytes);
+        spill(path, out, 256 + nout * out_bytes);
         free(out);
         free(piece);
         free(acc);
@@ -204,37 +207,62 @@ fn write_st(path: &Path, tensors: &[(&str, DType, Vec<usize>, Vec<f64>)]) {
     std::fs::write(path, bytes).expect("write checkpoint");
 }
 
-/// Output tensors in memory.
-struct MemSink(Mutex<Vec<Vec<u8>>>);
+/// Output tensors in memory, and how many calls of each kind wrote them.
+struct MemSink {
+    tensors: Mutex<Vec<Vec<u8>>>,
+    /// Calls of `write` (from anyone but `write_batch`) and of `write_batch`.
+    calls: Mutex<(usize, usize)>,
+}
 
 impl MemSink {
     fn new(plan: &Plan) -> MemSink {
         let sizes = plan.specs().into_iter().map(|t| t.nbytes() as usize);
-        MemSink(Mutex::new(sizes.map(|n| vec![0xEE; n]).collect()))
+        MemSink {
+            tensors: Mutex::new(sizes.map(|n| vec![0xEE; n]).collect()),
+            calls: Mutex::new((0, 0)),
+        }
+    }
+    fn put(&self, tensor: usize, off: u64, bytes: &[u8]) {
+        let mut v = self.tensors.lock().unwrap();
+        let off = off as usize;
+        v[tensor][off..off + bytes.len()].copy_from_slice(bytes);
     }
     fn into_inner(self) -> Vec<Vec<u8>> {
-        self.0.into_inner().unwrap()
+        self.tensors.into_inner().unwrap()
     }
 }
 
 impl Sink for MemSink {
     fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
-        let mut v = self.0.lock().unwrap();
-        let off = off as usize;
-        v[tensor][off..off + bytes.len()].copy_from_slice(bytes);
+        self.calls.lock().unwrap().0 += 1;
+        self.put(tensor, off, bytes);
+        Ok(())
+    }
+    fn write_batch(&self, writes: &[(usize, u64, &[u8])]) -> Result<()> {
+        self.calls.lock().unwrap().1 += 1;
+        for &(t, off, b) in writes {
+            self.put(t, off, b);
+        }
         Ok(())
     }
 }
 
-/// What the CUDA executor does with each batch, with the emulator in place of the device.
-fn emulate(bin: &Path, plan: &Plan, limits: Limits, opts: Options) -> Result<Vec<Vec<u8>>> {
+/// One [`MemSink`] per output of `plan`.
+fn sinks_of(plan: &Plan) -> Vec<MemSink> {
+    plan.outputs.iter().map(|_| MemSink::new(plan)).collect()
+}
+
+/// What the CUDA executor does with each batch, with the emulator in place of the device: the
+/// tensors of every output.
+fn emulate(bin: &Path, plan: &Plan, limits: Limits, opts: Options) -> Result<Vec<Vec<Vec<u8>>>> {
     let dir = tmp();
-    let sink = MemSink::new(plan);
-    let sinks: [&dyn Sink; 1] = [&sink];
+    let mem = sinks_of(plan);
+    let sinks: Vec<&dyn Sink> = mem.iter().map(|s| s as &dyn Sink).collect();
     let (progress, rt) = (Progress::default(), Runtime::new());
     let work = Work::of(plan, &sinks, opts, &progress, &rt);
     let jobs = &work.jobs;
-    for batch in super::plan(jobs, limits) {
+    let batches = super::plan(jobs, plan.outputs.len(), limits);
+    for batch in &batches {
         let size = (0..batch.pieces)
             .map(|k| batch.piece_bytes(jobs, k))
             .max()
@@ -255,6 +283,7 @@ fn emulate(bin: &Path, plan: &Plan, limits: Limits, opts: Options) -> Result<Vec
             batch.elems.to_string(),
             batch.out_bytes.to_string(),
             u32::from(opts.finite).to_string(),
+            batch.outputs.to_string(),
         ];
         let mut all = vec!["batch", d];
         all.extend(args.iter().map(String::as_str));
@@ -264,32 +293,46 @@ fn emulate(bin: &Path, plan: &Plan, limits: Limits, opts: Options) -> Result<Vec
         if counts != [0, 0] {
             return Err(batch.error_from_cpu(&work, jobs, counts));
         }
-        batch.write_out(jobs, &out[OUT_HEADER..], &sink)?;
+        batch.write_out(jobs, &out[OUT_HEADER..], &sinks)?;
     }
     drop(work);
-    Ok(sink.into_inner())
+    for (o, m) in mem.iter().enumerate() {
+        // The encoded batches reach each sink as one batch of writes each.
+        let calls = *m.calls.lock().unwrap();
+        assert_eq!(
+            calls,
+            (0, batches.len()),
+            "output {o}: (write, write_batch) calls"
+        );
+    }
+    Ok(mem.into_iter().map(MemSink::into_inner).collect())
 }
 
-fn cpu_outputs(plan: &Plan, opts: Options) -> Result<Vec<Vec<u8>>> {
-    let sink = MemSink::new(plan);
-    let sinks: [&dyn Sink; 1] = [&sink];
+fn cpu_outputs(plan: &Plan, opts: Options) -> Result<Vec<Vec<Vec<u8>>>> {
+    let mem = sinks_of(plan);
+    let sinks: Vec<&dyn Sink> = mem.iter().map(|s| s as &dyn Sink).collect();
     let (progress, rt) = (Progress::default(), Runtime::new());
     let work = Work::of(plan, &sinks, opts, &progress, &rt);
     cpu::execute(&work, &work.jobs)?;
     drop(work);
-    Ok(sink.into_inner())
+    Ok(mem.into_iter().map(MemSink::into_inner).collect())
 }
 
-/// A plan of one output over `inputs`, whose folds weigh input `k` by `weights[k]`.
-fn plan_of(inputs: Vec<Checkpoint>, weights: &[f64], tensors: Vec<Tensor>) -> Plan {
+/// A plan over `inputs` with an output for each row of `weights`, whose folds weigh input `k`
+/// by `row[k]`.
+fn plan_of(inputs: Vec<Checkpoint>, weights: &[&[f64]], tensors: Vec<Tensor>) -> Plan {
     Plan {
         inputs,
         order: Order::Given,
-        outputs: vec![Output {
-            target: PathBuf::from("out.safetensors"),
-            params: Vec::new(),
-            weights: weights.to_vec(),
-        }],
+        outputs: weights
+            .iter()
+            .enumerate()
+            .map(|(o, w)| Output {
+                target: PathBuf::from(format!("out{o}.safetensors")),
+                params: Vec::new(),
+                weights: w.to_vec(),
+            })
+            .collect(),
         tensors,
     }
 }
@@ -472,9 +515,9 @@ fn fixture(dir: &Path) -> Vec<Checkpoint> {
 }
 
 /// A fold per tensor and output dtype (f8 outputs only for tensors that fit them), with
-/// weights that are not all equal, and copies in between that batches skip.
-fn fixture_plan(ckpts: Vec<Checkpoint>) -> Plan {
-    let weights = [0.0625, 0.3125, 0.625];
+/// weights that are not all equal, and copies in between that batches skip; one output per row
+/// of `weights`.
+fn fixture_plan(ckpts: Vec<Checkpoint>, weights: &[&[f64]]) -> Plan {
     let mut tensors = Vec::new();
     let of = |input: usize, tensor: usize| Src { input, tensor };
     for (ti, t) in ckpts[0].tensors().iter().enumerate() {
@@ -512,13 +555,16 @@ fn fixture_plan(ckpts: Vec<Checkpoint>) -> Plan {
             sources: vec![of(1, 0), of(2, 0)],
         },
     });
-    plan_of(ckpts, &weights, tensors)
+    plan_of(ckpts, weights, tensors)
 }
+
+/// The weights of the fixture's single output.
+const WEIGHTS: &[f64] = &[0.0625, 0.3125, 0.625];
 
 #[test]
 fn plan_covers_every_element_once_within_limits() {
     let dir = tmp();
-    let plan = fixture_plan(fixture(dir.path()));
+    let plan = fixture_plan(fixture(dir.path()), &[WEIGHTS]);
     let sinks: [&dyn Sink; 1] = [&Discard];
     let (progress, rt) = (Progress::default(), Runtime::new());
     let work = Work::of(&plan, &sinks, Options::default(), &progress, &rt);
@@ -536,7 +582,7 @@ fn plan_covers_every_element_once_within_limits() {
             segments: 1,
         },
     ] {
-        let batches = super::plan(jobs, limits);
+        let batches = super::plan(jobs, 1, limits);
         let mut covered: Vec<u64> = jobs.iter().map(|_| 0).collect();
         for b in &batches {
             assert!(!b.segments.is_empty() && b.segments.len() <= limits.segments);
@@ -574,7 +620,7 @@ fn plan_covers_every_element_once_within_limits() {
 fn emulated_kernels_write_the_cpu_paths_bytes() {
     let Some(bin) = emulator() else { return };
     let dir = tmp();
-    let plan = fixture_plan(fixture(dir.path()));
+    let plan = fixture_plan(fixture(dir.path()), &[WEIGHTS]);
     let cpu = cpu_outputs(&plan, Options::default()).unwrap();
     let finite = Options {
         finite: true,
@@ -592,9 +638,56 @@ fn emulated_kernels_write_the_cpu_paths_bytes() {
         for (j, out_dtype, src) in folds(&plan) {
             let name = &plan.tensor_info(src).name;
             let what = format!("{name} as {out_dtype} ({limits:?})");
-            assert_same(&what, out_dtype, &gpu[j], &cpu[j]);
+            assert_same(&what, out_dtype, &gpu[0][j], &cpu[0][j]);
         }
     }
+}
+
+#[test]
+fn emulated_kernels_fold_a_sweep_into_each_outputs_cpu_bytes() {
+    let Some(bin) = emulator() else { return };
+    let dir = tmp();
+    // Three outputs, one of which weighs the first input 0 (its accumulators are still
+    // assigned by it).
+    let rows: [&[f64]; 3] = [WEIGHTS, &[0.5, 0.25, 0.25], &[0.0, 0.1, 0.9]];
+    let plan = fixture_plan(fixture(dir.path()), &rows);
+    let cpu = cpu_outputs(&plan, Options::default()).unwrap();
+    for limits in [
+        Limits::for_outputs(3),
+        Limits {
+            data_bytes: 8192,
+            elems: 1000,
+            segments: 3,
+        },
+    ] {
+        let gpu = emulate(bin, &plan, limits, Options::default()).unwrap();
+        assert_eq!(gpu.len(), 3);
+        for o in 0..3 {
+            for (j, out_dtype, src) in folds(&plan) {
+                let name = &plan.tensor_info(src).name;
+                let what = format!("output {o}: {name} as {out_dtype} ({limits:?})");
+                assert_same(&what, out_dtype, &gpu[o][j], &cpu[o][j]);
+            }
+        }
+    }
+}
+
+#[test]
+fn limits_for_a_sweep_keep_the_accumulators_of_one_output() {
+    let one = Limits::default();
+    for k in [1, 2, 3, 8, 100, 100_000] {
+        let l = Limits::for_outputs(k);
+        assert!(
+            l.elems * k as u64 <= one.elems.max(ELEMS_PER_BLOCK * k as u64),
+            "{k}"
+        );
+        assert!(
+            l.elems >= ELEMS_PER_BLOCK && l.elems % ELEMS_PER_BLOCK == 0,
+            "{k}"
+        );
+        assert_eq!((l.data_bytes, l.segments), (one.data_bytes, one.segments));
+    }
+    assert_eq!(Limits::for_outputs(1), one);
 }
 
 #[test]
@@ -628,7 +721,7 @@ fn emulated_kernels_report_what_the_cpu_path_reports() {
                 ],
             },
         };
-        plan_of(ckpts, &[0.5, 0.5], vec![tensor])
+        plan_of(ckpts, &[&[0.5, 0.5]], vec![tensor])
     };
     let finite = Options {
         finite: true,
@@ -643,7 +736,7 @@ fn emulated_kernels_report_what_the_cpu_path_reports() {
     assert!(gpu.to_string().contains("b.safetensors"), "{gpu}");
     // Without it, NaN passes through.
     let out = emulate(bin, &plan, Limits::default(), plain).unwrap();
-    assert!(decoded(DType::F32, &out[0])[1].is_nan());
+    assert!(decoded(DType::F32, &out[0][0])[1].is_nan());
     // 1e5 overflows f16: the CPU path's overflow error.
     let plan = fold(DType::F16);
     let gpu = emulate(bin, &plan, Limits::default(), plain).unwrap_err();
