@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::codec::DType;
 use crate::fold::{cpu::MAPPED_INPUTS, Device};
 use crate::layout::{Layout, Side};
+use crate::plan::choose::{Choice, Mode, StepRange};
 use crate::plan::Order;
 use crate::schedule::options::{EmaOptions, SwaOptions, Typed};
 
@@ -51,7 +52,7 @@ pub enum Command {
     /// computed from the strategy, and every input is read once. Floating-point tensors are
     /// averaged in at least f32 precision; integer and bool tensors are copied from the last
     /// checkpoint. Use --dry-run to see the plan.
-    Ema(EmaArgs),
+    Ema(Box<EmaArgs>),
     /// Fold a series of checkpoints into a stochastic weight average (mmengine
     /// StochasticWeightAverage: the mean of the inputs taken every --interval).
     Swa(SwaArgs),
@@ -161,6 +162,9 @@ pub struct FoldArgs {
     #[arg(long, value_enum, default_value_t = Order::Auto)]
     pub order: Order,
 
+    #[command(flatten)]
+    pub choose: ChooseArgs,
+
     /// Print the plan (order, steps, weights) and write nothing.
     #[arg(short = 'n', long)]
     pub dry_run: bool,
@@ -178,6 +182,46 @@ pub struct FoldArgs {
     /// resident; 0 reads every input with pread.
     #[arg(long, value_name = "N", default_value_t = MAPPED_INPUTS)]
     pub mapped_inputs: usize,
+}
+
+/// Which of the ordered inputs to fold (`--dry-run` shows those dropped, and why).
+#[derive(Debug, Args, Clone, Default)]
+pub struct ChooseArgs {
+    /// Keep the inputs whose step is in [A, B] (`1000:5000`; either end may be left out).
+    #[arg(long, value_name = "A:B")]
+    pub steps: Option<StepRange>,
+
+    /// Keep the last N inputs (after --steps).
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
+
+    /// Keep the N inputs with the best --metric (after --steps and --last), folded in their
+    /// order.
+    #[arg(long, value_name = "N", requires = "metric")]
+    pub best: Option<usize>,
+
+    /// The number that --best ranks by: a metadata entry (safetensors `__metadata__`, a plain
+    /// value of a `.pth` such as timm's `metric`) or a one-element tensor (a Lightning
+    /// ModelCheckpoint score); the end of a dotted name is enough when only one name ends so.
+    #[arg(long, value_name = "KEY", requires = "best")]
+    pub metric: Option<String>,
+
+    /// Whether --best keeps the largest (accuracy) or the smallest (loss) values.
+    #[arg(long, value_enum, default_value_t = Mode::Max, requires = "best")]
+    pub mode: Mode,
+}
+
+impl ChooseArgs {
+    /// The choice as the plan takes it.
+    pub fn choice(&self) -> Choice {
+        Choice {
+            steps: self.steps,
+            last: self.last,
+            best: self.best,
+            metric: self.metric.clone(),
+            mode: self.mode,
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -256,6 +300,9 @@ pub struct PosthocArgs {
     /// Leave out tensors whose names match GLOB (repeatable).
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+
+    #[command(flatten)]
+    pub choose: ChooseArgs,
 
     #[command(flatten)]
     pub out: OutputArgs,

@@ -93,18 +93,18 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__ema)
-            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --interval --gamma --warm-up --total-iter --sigma-rel --power-gamma --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --mapped-inputs --help --version"
+            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --interval --gamma --warm-up --total-iter --sigma-rel --power-gamma --min-decay --update-after-step --update-every --warmup --warmup-gamma --warmup-power --inv-gamma --power --tau --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --steps --last --best --metric --mode --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --strategy)
-                    COMPREPLY=($(compgen -W "exponential annealing mmcv exp-momentum linear-momentum swa power" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "exponential annealing mmcv exp-momentum linear-momentum swa power timm diffusers ultralytics ema-pytorch wma" -- "${cur}"))
                     return 0
                     ;;
                 -s)
-                    COMPREPLY=($(compgen -W "exponential annealing mmcv exp-momentum linear-momentum swa power" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "exponential annealing mmcv exp-momentum linear-momentum swa power timm diffusers ultralytics ema-pytorch wma" -- "${cur}"))
                     return 0
                     ;;
                 --momentum)
@@ -143,6 +143,38 @@ _ema__tool() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --min-decay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --update-after-step)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --update-every)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --warmup-gamma)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --warmup-power)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inv-gamma)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --power)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tau)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --output)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -173,6 +205,26 @@ _ema__tool() {
                     ;;
                 --order)
                     COMPREPLY=($(compgen -W "auto given name step" -- "${cur}"))
+                    return 0
+                    ;;
+                --steps)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --last)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --best)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --metric)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mode)
+                    COMPREPLY=($(compgen -W "max min" -- "${cur}"))
                     return 0
                     ;;
                 --device)
@@ -325,7 +377,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__posthoc)
-            opts="-o -f -q -n -j -h -V --sigma-rel --step --snapshot-sigma-rels --snapshot-gammas --no-normalize --skip-buffers --buffer-pattern --include --exclude --output --max-shard-size --force --dtype --quiet --json --check-finite --dry-run --device --threads --mapped-inputs --help --version"
+            opts="-o -f -q -n -j -h -V --sigma-rel --step --snapshot-sigma-rels --snapshot-gammas --no-normalize --skip-buffers --buffer-pattern --include --exclude --steps --last --best --metric --mode --output --max-shard-size --force --dtype --quiet --json --check-finite --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -357,6 +409,26 @@ _ema__tool() {
                     ;;
                 --exclude)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --steps)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --last)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --best)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --metric)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mode)
+                    COMPREPLY=($(compgen -W "max min" -- "${cur}"))
                     return 0
                     ;;
                 --output)
@@ -399,7 +471,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__swa)
-            opts="-o -f -q -n -j -h -V --interval --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --dry-run --device --threads --mapped-inputs --help --version"
+            opts="-o -f -q -n -j -h -V --interval --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --steps --last --best --metric --mode --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -439,6 +511,26 @@ _ema__tool() {
                     ;;
                 --order)
                     COMPREPLY=($(compgen -W "auto given name step" -- "${cur}"))
+                    return 0
+                    ;;
+                --steps)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --last)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --best)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --metric)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mode)
+                    COMPREPLY=($(compgen -W "max min" -- "${cur}"))
                     return 0
                     ;;
                 --device)

@@ -39,7 +39,12 @@ mmcv\t'mmcv `EMAHook`: updates when it % interval == 0, m = min(momentum^interva
 exp-momentum\t'mmdet `ExpMomentumEMAHook`: updates when (it+1) % interval == 0, m = (1 − momentum)·exp(−(1+it)/total_iter) + momentum'
 linear-momentum\t'mmdet `LinearMomentumEMAHook`: updates when (it+1) % interval == 0, m = min(momentum^interval, (1+it)/(warm_up+it))'
 swa\t'mmengine `StochasticWeightAverage`: m_k = 1 / (k // interval + 1)'
-power\t'EDM2 power-function EMA (`PowerFunctionEMA`, batch 1): decay (1 − 1/u)^(γ+1) at update u; γ from --sigma-rel or --power-gamma'"
+power\t'EDM2 power-function EMA (`PowerFunctionEMA`, batch 1): decay (1 − 1/u)^(γ+1) at update u; γ from --sigma-rel or --power-gamma'
+timm\t'timm `ModelEmaV3`: decay, or its warm-up 1 − (1 + s/warmup_gamma)^−warmup_power clamped to [min_decay, decay], from update_after_step on'
+diffusers\t'diffusers `EMAModel`: (1 + s)/(10 + s), or the warm-up 1 − (1 + s/inv_gamma)^−power, clamped to [min_decay, decay], from update_after_step on'
+ultralytics\t'ultralytics / YOLOv5 `ModelEMA`: decay · (1 − exp(−u/tau))'
+ema-pytorch\t'lucidrains ema-pytorch `EMA`: every update_every-th update after update_after_step, 1 − (1 + e/inv_gamma)^−power clamped to [min_decay, decay]; copies before'
+wma\t'Weighted moving average: weights proportional to the update\'s index (LLM checkpoint merging)'"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s m -l momentum -d 'Weight of the newer checkpoint in each update (mmengine convention) [default: 0.0002]. A comma-separated list sweeps, as every numeric option does' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l decay -d 'Decay of the average (timm/torch convention): momentum = 1 - DECAY' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l interval -d 'Update every INTERVAL-th step (mmengine/mmcv `interval`)' -r
@@ -48,6 +53,14 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l warm-up -d '`m
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l total-iter -d '`exp-momentum`: iterations over which the momentum decays' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l sigma-rel -d '`power`: relative standard deviation of the power-function profile (EDM2\'s `std`), 0 < S < 0.2887; its exponent γ is the largest root of γ³ + 7γ² + (16 − S⁻²)γ + (12 − S⁻²)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l power-gamma -d '`power`: exponent γ of the power function (EDM2\'s `exp`), instead of --sigma-rel' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l min-decay -d '`timm`, `diffusers`, `ema-pytorch`: the smallest decay (ema-pytorch `min_value`) [default: 0]' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l update-after-step -d '`timm`, `diffusers`, `ema-pytorch`: updates before the average starts (it copies the model until then) [default: 0; ema-pytorch: 100]' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l update-every -d '`ema-pytorch`: update the average every N-th update [default: 10]' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l warmup-gamma -d '`timm`: the warm-up\'s gamma [default: 1]' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l warmup-power -d '`timm`: the warm-up\'s power [default: 2/3]' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l inv-gamma -d '`diffusers`, `ema-pytorch`: the warm-up\'s inverse gamma [default: 1]' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l power -d '`diffusers`, `ema-pytorch`: the warm-up\'s power [default: 2/3]' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l tau -d '`ultralytics`: the decay\'s ramp, decay · (1 − exp(−u/tau)) [default: 2000]' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
@@ -61,9 +74,16 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l order -d 'How 
 given\t'As given on the command line'
 name\t'Natural sort of the file names (`iter_200` before `iter_1000`)'
 step\t'By step; an input without a step is an error'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l steps -d 'Keep the inputs whose step is in [A, B] (`1000:5000`; either end may be left out)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l last -d 'Keep the last N inputs (after --steps)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l best -d 'Keep the N inputs with the best --metric (after --steps and --last), folded in their order' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l metric -d 'The number that --best ranks by: a metadata entry (safetensors `__metadata__`, a plain value of a `.pth` such as timm\'s `metric`) or a one-element tensor (a Lightning ModelCheckpoint score); the end of a dotted name is enough when only one name ends so' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l mode -d 'Whether --best keeps the largest (accuracy) or the smallest (loss) values' -r -f -a "max\t'The largest values (accuracy, mAP)'
+min\t'The smallest values (loss)'"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l device -d 'Device that folds: cpu, cuda or cuda:N' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s j -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l mapped-inputs -d 'How many inputs (the first ones) the CPU fold reads through memory maps; the others are read with pread. A mapping costs less CPU on page-cached inputs, each keeps about 4 MiB resident; 0 reads every input with pread' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l warmup -d '`timm` (`use_warmup`), `diffusers` (`use_ema_warmup`): warm the decay up as 1 − (1 + s/gamma)^−power'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s f -l force -d 'Replace the output file if it exists'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s q -l quiet -d 'Print no progress bar, summary or warnings'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l json -d 'Print a machine-readable JSON summary on stdout'
@@ -87,6 +107,12 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l order -d 'How 
 given\t'As given on the command line'
 name\t'Natural sort of the file names (`iter_200` before `iter_1000`)'
 step\t'By step; an input without a step is an error'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l steps -d 'Keep the inputs whose step is in [A, B] (`1000:5000`; either end may be left out)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l last -d 'Keep the last N inputs (after --steps)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l best -d 'Keep the N inputs with the best --metric (after --steps and --last), folded in their order' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l metric -d 'The number that --best ranks by: a metadata entry (safetensors `__metadata__`, a plain value of a `.pth` such as timm\'s `metric`) or a one-element tensor (a Lightning ModelCheckpoint score); the end of a dotted name is enough when only one name ends so' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l mode -d 'Whether --best keeps the largest (accuracy) or the smallest (loss) values' -r -f -a "max\t'The largest values (accuracy, mAP)'
+min\t'The smallest values (loss)'"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l device -d 'Device that folds: cpu, cuda or cuda:N' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s j -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l mapped-inputs -d 'How many inputs (the first ones) the CPU fold reads through memory maps; the others are read with pread. A mapping costs less CPU on page-cached inputs, each keeps about 4 MiB resident; 0 reads every input with pread' -r
@@ -126,6 +152,12 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l snapshot-g
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l buffer-pattern -d 'Glob of buffer names for --skip-buffers (repeatable)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l include -d 'Only output tensors whose names match GLOB (repeatable; `*` matches any characters)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l exclude -d 'Leave out tensors whose names match GLOB (repeatable)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l steps -d 'Keep the inputs whose step is in [A, B] (`1000:5000`; either end may be left out)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l last -d 'Keep the last N inputs (after --steps)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l best -d 'Keep the N inputs with the best --metric (after --steps and --last), folded in their order' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l metric -d 'The number that --best ranks by: a metadata entry (safetensors `__metadata__`, a plain value of a `.pth` such as timm\'s `metric`) or a one-element tensor (a Lightning ModelCheckpoint score); the end of a dotted name is enough when only one name ends so' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l mode -d 'Whether --best keeps the largest (accuracy) or the smallest (loss) values' -r -f -a "max\t'The largest values (accuracy, mAP)'
+min\t'The smallest values (loss)'"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''

@@ -7,10 +7,12 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::{create_writer, print_json, progress, provenance, set_threads, sweep_targets, varying};
+use crate::checkpoint::Checkpoint;
 use crate::cli::{FoldArgs, OutputArgs};
 use crate::error::Result;
 use crate::fold::{self, Device};
 use crate::output::{check_output_kind, check_target, commit_all};
+use crate::plan::choose::{choose, keep, Chosen};
 use crate::plan::fold::{arrange, build, open_inputs, Options};
 use crate::plan::{Output, Plan};
 use crate::runtime::Runtime;
@@ -58,7 +60,12 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
             fold::cuda::check_device(n)?;
         }
     }
-    let ordered = arrange(open_inputs(&args.inputs)?, args.order)?;
+    let mut ordered = arrange(open_inputs(&args.inputs)?, args.order)?;
+    let chosen = {
+        let refs: Vec<&Checkpoint> = ordered.inputs.iter().collect();
+        choose(&refs, &args.choose.choice())?
+    };
+    ordered.inputs = keep(ordered.inputs, &chosen);
     let steps = if args.per_iter {
         Some(ordered.steps()?)
     } else {
@@ -103,7 +110,7 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
                 "params": s.params,
                 "per_iter": args.per_iter,
                 "order": plan.order,
-                "inputs": inputs_json(&plan, o),
+                "inputs": inputs_json(&plan, o, &chosen),
             })
         })
         .collect();
@@ -114,6 +121,7 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
         mapped_inputs: args.mapped_inputs,
         started,
         metadata: &[],
+        chosen: &chosen,
     };
     if plan.outputs.len() == 1 {
         one(
@@ -130,6 +138,8 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
             "order": plan.order,
             "inputs": plan.inputs.iter().map(|c| json!({"path": c.path(), "step": c.step()})).collect::<Vec<_>>(),
         });
+        let mut summary = summary;
+        add_choice(&mut summary, &chosen);
         let params: Vec<&Value> = swept.iter().map(|s| &s.params).collect();
         many(&plan, records, &params, summary, &how, rt)
     }
@@ -144,6 +154,31 @@ pub struct Run<'a> {
     pub started: Instant,
     /// Metadata entries the outputs get over the last input's.
     pub metadata: &'a [(String, String)],
+    /// Which inputs were kept (and their metrics) and which dropped.
+    pub chosen: &'a Chosen,
+}
+
+/// `"dropped"` (when an input was) and the inputs' `"metric"` (when `--best` ranked them) of a
+/// `--json` document.
+pub fn add_choice(doc: &mut Value, chosen: &Chosen) {
+    if !chosen.dropped.is_empty() {
+        doc["dropped"] = chosen.dropped_json();
+    }
+    if let Some(inputs) = doc.get_mut("inputs").and_then(Value::as_array_mut) {
+        for (v, m) in inputs.iter_mut().zip(&chosen.metrics) {
+            if let Some(m) = m {
+                v["metric"] = json!(m);
+            }
+        }
+    }
+}
+
+/// The `dropped` lines of `--dry-run`.
+pub fn print_dropped(chosen: &Chosen) {
+    for d in &chosen.dropped {
+        let step = d.step.map_or("-".to_string(), |s| s.to_string());
+        println!("dropped   {} (step {step}): {}", d.path.display(), d.why);
+    }
 }
 
 /// The metadata of an output: the last input's, `how.metadata` over it, and the `ema_tool`
@@ -171,9 +206,11 @@ pub fn one(plan: &Plan, mut record: Value, params: &Value, how: &Run, rt: &Runti
             record["output"] = json!(output);
             record["tensors"] = json!({"averaged": folded, "copied": copied});
             record["output_tensor_bytes"] = json!(plan.output_bytes());
+            add_choice(&mut record, how.chosen);
             return print_json(&record);
         }
         print_plan(plan, params, output);
+        print_dropped(how.chosen);
         return Ok(());
     }
     let metadata = output_metadata(plan, how, record.clone());
@@ -193,6 +230,7 @@ pub fn one(plan: &Plan, mut record: Value, params: &Value, how: &Run, rt: &Runti
         record["seconds"] = json!(secs);
         record["device"] = json!(how.device.to_string());
         record["tensors"] = json!({"averaged": folded, "copied": copied});
+        add_choice(&mut record, how.chosen);
         print_json(&record)?;
     } else if !how.out.quiet {
         eprintln!(
@@ -243,6 +281,7 @@ pub fn many(
             return print_json(&summary);
         }
         print_table(plan);
+        print_dropped(how.chosen);
         return Ok(());
     }
     let mut writers = Vec::with_capacity(plan.outputs.len());
@@ -296,12 +335,20 @@ pub fn many(
     Ok(())
 }
 
-/// The inputs with their steps and weights in output `o`, as JSON.
-fn inputs_json(plan: &Plan, o: usize) -> Value {
+/// The inputs with their steps and weights in output `o` (and their `--best` metrics), as
+/// JSON: the provenance record of the output.
+fn inputs_json(plan: &Plan, o: usize, chosen: &Chosen) -> Value {
     plan.inputs
         .iter()
         .zip(&plan.outputs[o].weights)
-        .map(|(c, w)| json!({"path": c.path(), "step": c.step(), "weight": w}))
+        .enumerate()
+        .map(|(i, (c, w))| {
+            let mut v = json!({"path": c.path(), "step": c.step(), "weight": w});
+            if let Some(Some(m)) = chosen.metrics.get(i) {
+                v["metric"] = json!(m);
+            }
+            v
+        })
         .collect()
 }
 

@@ -6,12 +6,13 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::fold::{many, one, targets, Run};
+use super::fold::{add_choice, many, one, print_dropped, targets, Run};
 use super::{set_threads, varying};
 use crate::checkpoint::Checkpoint;
 use crate::cli::PosthocArgs;
 use crate::error::{Error, Result};
 use crate::fold::{self, Device};
+use crate::plan::choose::{choose, keep};
 use crate::plan::fold::{build, open_inputs, Options, Ordered};
 use crate::plan::{Order, Output};
 use crate::runtime::Runtime;
@@ -213,6 +214,11 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
             "no snapshot at or before step {step}"
         )));
     }
+    let chosen = {
+        let refs: Vec<&Checkpoint> = snaps.iter().map(|(_, c)| c).collect();
+        choose(&refs, &args.choose.choice())?
+    };
+    let snaps = keep(snaps, &chosen);
     let profiles: Vec<Profile> = snaps.iter().map(|(s, _)| s.profile).collect();
     let system = System::new(&profiles).map_err(|e| unsolvable(e, &snaps))?;
     let normalize = !args.no_normalize;
@@ -307,6 +313,7 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
         .collect();
     if args.dry_run && !args.out.json {
         print_posthoc_plan(&plan, &info, step, system.condition, normalize);
+        print_dropped(&chosen);
         return Ok(());
     }
     // The outputs' step is the one synthesised.
@@ -318,6 +325,7 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
         mapped_inputs: args.mapped_inputs,
         started,
         metadata: &meta,
+        chosen: &chosen,
     };
     if plan.outputs.len() == 1 {
         let record = records.into_iter().next().expect("one output");
@@ -330,6 +338,8 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
         "condition": system.condition,
         "snapshots": snapshots_json(None),
     });
+    let mut summary = summary;
+    add_choice(&mut summary, &chosen);
     let refs: Vec<&Value> = params.iter().collect();
     many(&plan, records, &refs, summary, &how, rt)
 }

@@ -7,13 +7,15 @@
 //! each of its sources once for all the outputs, so K outputs cost one read of the inputs.
 //!
 //! - [`order`]: the order of a fold's inputs;
+//! - [`choose`]: which of them `--steps`, `--last` and `--best` keep;
 //! - `fold`: the plans of `ema` and `swa` (inputs matched tensor by tensor);
 //! - `swap`: the plans of `swap` and `swap --deploy`;
 //! - `select`: which tensors `--include`/`--exclude` keep.
 //!
-//! Nothing here reads a value: a plan is made from headers, so a bad call fails before any
-//! work.
+//! Nothing here reads a value but `--best`'s metrics: a plan is made from headers, so a bad
+//! call fails before any work.
 
+pub mod choose;
 pub(crate) mod fold;
 pub mod order;
 pub(crate) mod select;

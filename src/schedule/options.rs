@@ -94,6 +94,45 @@ pub struct EmaOptions {
     /// `power`: exponent γ of the power function (EDM2's `exp`), instead of --sigma-rel.
     #[arg(long, value_name = "G", value_delimiter = ',')]
     pub power_gamma: Vec<Typed>,
+
+    /// `timm`, `diffusers`, `ema-pytorch`: the smallest decay (ema-pytorch `min_value`)
+    /// [default: 0].
+    #[arg(long, value_name = "D", value_delimiter = ',')]
+    pub min_decay: Vec<Typed>,
+
+    /// `timm`, `diffusers`, `ema-pytorch`: updates before the average starts (it copies the
+    /// model until then) [default: 0; ema-pytorch: 100].
+    #[arg(long, value_name = "N", value_delimiter = ',')]
+    pub update_after_step: Vec<Typed>,
+
+    /// `ema-pytorch`: update the average every N-th update [default: 10].
+    #[arg(long, value_name = "N", value_delimiter = ',')]
+    pub update_every: Vec<Typed>,
+
+    /// `timm` (`use_warmup`), `diffusers` (`use_ema_warmup`): warm the decay up as
+    /// 1 − (1 + s/gamma)^−power.
+    #[arg(long)]
+    pub warmup: bool,
+
+    /// `timm`: the warm-up's gamma [default: 1].
+    #[arg(long, value_name = "G", value_delimiter = ',')]
+    pub warmup_gamma: Vec<Typed>,
+
+    /// `timm`: the warm-up's power [default: 2/3].
+    #[arg(long, value_name = "P", value_delimiter = ',')]
+    pub warmup_power: Vec<Typed>,
+
+    /// `diffusers`, `ema-pytorch`: the warm-up's inverse gamma [default: 1].
+    #[arg(long, value_name = "G", value_delimiter = ',')]
+    pub inv_gamma: Vec<Typed>,
+
+    /// `diffusers`, `ema-pytorch`: the warm-up's power [default: 2/3].
+    #[arg(long, value_name = "P", value_delimiter = ',')]
+    pub power: Vec<Typed>,
+
+    /// `ultralytics`: the decay's ramp, decay · (1 − exp(−u/tau)) [default: 2000].
+    #[arg(long, value_name = "T", value_delimiter = ',')]
+    pub tau: Vec<Typed>,
 }
 
 /// The options of `swa`.
@@ -171,6 +210,10 @@ fn product(base: Schedule, axes: &[Axis]) -> Result<Vec<Combination>> {
 impl EmaOptions {
     /// Every output the options ask for: one, or the product of the lists given.
     pub fn expand(&self) -> Result<Vec<Swept>> {
+        if self.strategy.is_ecosystem_ema() || self.strategy == Strategy::Wma {
+            return self.expand_ecosystem();
+        }
+        self.refuse_ecosystem_options()?;
         let st = self.strategy;
         let family = st.is_mmengine_family();
         let power = st == Strategy::Power;
@@ -305,6 +348,258 @@ impl EmaOptions {
     }
 }
 
+impl EmaOptions {
+    /// The options of the ecosystem's EMAs given, by flag.
+    fn ecosystem_options(&self) -> [(&'static str, bool); 9] {
+        [
+            ("--min-decay", !self.min_decay.is_empty()),
+            ("--update-after-step", !self.update_after_step.is_empty()),
+            ("--update-every", !self.update_every.is_empty()),
+            ("--warmup", self.warmup),
+            ("--warmup-gamma", !self.warmup_gamma.is_empty()),
+            ("--warmup-power", !self.warmup_power.is_empty()),
+            ("--inv-gamma", !self.inv_gamma.is_empty()),
+            ("--power", !self.power.is_empty()),
+            ("--tau", !self.tau.is_empty()),
+        ]
+    }
+
+    /// An option of the ecosystem's EMAs given to a strategy without it is a usage error.
+    fn refuse_ecosystem_options(&self) -> Result<()> {
+        let used: &[&str] = match self.strategy {
+            Strategy::Timm => &[
+                "--min-decay",
+                "--update-after-step",
+                "--warmup",
+                "--warmup-gamma",
+                "--warmup-power",
+            ],
+            Strategy::Diffusers => &[
+                "--min-decay",
+                "--update-after-step",
+                "--warmup",
+                "--inv-gamma",
+                "--power",
+            ],
+            Strategy::Ultralytics => &["--tau"],
+            Strategy::EmaPytorch => &[
+                "--min-decay",
+                "--update-after-step",
+                "--update-every",
+                "--inv-gamma",
+                "--power",
+            ],
+            _ => &[],
+        };
+        for (flag, given) in self.ecosystem_options() {
+            if given && !used.contains(&flag) {
+                return Err(Error::usage(format!(
+                    "{flag} is not an option of --strategy {}",
+                    self.strategy.name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`EmaOptions::expand`] for the ecosystem's EMAs and `wma`: their options, with their
+    /// libraries' defaults.
+    fn expand_ecosystem(&self) -> Result<Vec<Swept>> {
+        self.refuse_ecosystem_options()?;
+        let st = self.strategy;
+        if !self.sigma_rel.is_empty() || !self.power_gamma.is_empty() {
+            return Err(Error::usage(
+                "--sigma-rel and --power-gamma apply to --strategy power",
+            ));
+        }
+        let base = Schedule::new(st);
+        let or = |given: &[Typed], default: f64| -> Vec<Typed> {
+            if given.is_empty() {
+                vec![Typed::of(default)]
+            } else {
+                given.to_vec()
+            }
+        };
+        // --decay, or --momentum as 1 − decay.
+        let (name, flag, decays, from_momentum) = if !self.momentum.is_empty() {
+            ("momentum", "--momentum", self.momentum.clone(), true)
+        } else {
+            ("decay", "--decay", or(&self.decay, base.decay), false)
+        };
+        let lists = [
+            or(&self.min_decay, base.min_decay),
+            or(&self.update_after_step, base.update_after_step as f64),
+            or(&self.update_every, base.update_every as f64),
+            or(&self.warmup_gamma, base.inv_gamma),
+            or(&self.warmup_power, base.power),
+            or(&self.inv_gamma, base.inv_gamma),
+            or(&self.power, base.power),
+            or(&self.tau, base.tau),
+        ];
+        let is = |s: &[Strategy]| s.contains(&st);
+        use Strategy::{Diffusers, EmaPytorch, Timm, Ultralytics};
+        let axes = [
+            Axis {
+                name,
+                flag,
+                values: &decays,
+                used: st != Strategy::Wma,
+                set: if from_momentum {
+                    |s, v| {
+                        s.decay = 1.0 - v;
+                        Ok(())
+                    }
+                } else {
+                    |s, v| {
+                        s.decay = v;
+                        Ok(())
+                    }
+                },
+            },
+            Axis {
+                name: "min_decay",
+                flag: "--min-decay",
+                values: &lists[0],
+                used: is(&[Timm, Diffusers, EmaPytorch]),
+                set: |s, v| {
+                    s.min_decay = v;
+                    Ok(())
+                },
+            },
+            Axis {
+                name: "update_after_step",
+                flag: "--update-after-step",
+                values: &lists[1],
+                used: is(&[Timm, Diffusers, EmaPytorch]),
+                set: |s, v| {
+                    s.update_after_step = whole("--update-after-step", v)?;
+                    Ok(())
+                },
+            },
+            Axis {
+                name: "update_every",
+                flag: "--update-every",
+                values: &lists[2],
+                used: is(&[EmaPytorch]),
+                set: |s, v| {
+                    s.update_every = whole("--update-every", v)?;
+                    Ok(())
+                },
+            },
+            Axis {
+                name: "warmup_gamma",
+                flag: "--warmup-gamma",
+                values: &lists[3],
+                used: is(&[Timm]) && self.warmup,
+                set: |s, v| {
+                    s.inv_gamma = v;
+                    Ok(())
+                },
+            },
+            Axis {
+                name: "warmup_power",
+                flag: "--warmup-power",
+                values: &lists[4],
+                used: is(&[Timm]) && self.warmup,
+                set: |s, v| {
+                    s.power = v;
+                    Ok(())
+                },
+            },
+            Axis {
+                name: "inv_gamma",
+                flag: "--inv-gamma",
+                values: &lists[5],
+                used: is(&[EmaPytorch]) || (is(&[Diffusers]) && self.warmup),
+                set: |s, v| {
+                    s.inv_gamma = v;
+                    Ok(())
+                },
+            },
+            Axis {
+                name: "power",
+                flag: "--power",
+                values: &lists[6],
+                used: is(&[EmaPytorch]) || (is(&[Diffusers]) && self.warmup),
+                set: |s, v| {
+                    s.power = v;
+                    Ok(())
+                },
+            },
+            Axis {
+                name: "tau",
+                flag: "--tau",
+                values: &lists[7],
+                used: is(&[Ultralytics]),
+                set: |s, v| {
+                    s.tau = v;
+                    Ok(())
+                },
+            },
+        ];
+        let base = Schedule {
+            warmup: self.warmup,
+            ..base
+        };
+        product(base, &axes)?
+            .into_iter()
+            .map(|(schedule, values)| {
+                schedule.validate()?;
+                Ok(Swept {
+                    params: ecosystem_params(&schedule),
+                    schedule,
+                    values,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The record of an ecosystem EMA's parameters: its library's names and values.
+fn ecosystem_params(s: &Schedule) -> Value {
+    let mut p = json!({
+        "strategy": s.strategy,
+        "reference": s.strategy.reference_name(),
+    });
+    let mut set = |k: &str, v: Value| p[k] = v;
+    match s.strategy {
+        Strategy::Timm => {
+            set("decay", json!(s.decay));
+            set("min_decay", json!(s.min_decay));
+            set("update_after_step", json!(s.update_after_step));
+            set("use_warmup", json!(s.warmup));
+            if s.warmup {
+                set("warmup_gamma", json!(s.inv_gamma));
+                set("warmup_power", json!(s.power));
+            }
+        }
+        Strategy::Diffusers => {
+            set("decay", json!(s.decay));
+            set("min_decay", json!(s.min_decay));
+            set("update_after_step", json!(s.update_after_step));
+            set("use_ema_warmup", json!(s.warmup));
+            if s.warmup {
+                set("inv_gamma", json!(s.inv_gamma));
+                set("power", json!(s.power));
+            }
+        }
+        Strategy::Ultralytics => {
+            set("decay", json!(s.decay));
+            set("tau", json!(s.tau));
+        }
+        Strategy::EmaPytorch => {
+            set("beta", json!(s.decay));
+            set("update_after_step", json!(s.update_after_step));
+            set("update_every", json!(s.update_every));
+            set("inv_gamma", json!(s.inv_gamma));
+            set("power", json!(s.power));
+            set("min_value", json!(s.min_decay));
+        }
+        _ => {}
+    }
+    p
+}
+
 /// The record of a schedule's parameters, as before sweeps existed for the mmengine family.
 fn ema_params(s: &Schedule, sigma_rel: Option<f64>) -> Value {
     if s.strategy == Strategy::Power {
@@ -390,6 +685,15 @@ mod tests {
             total_iter: typed("2000"),
             sigma_rel: Vec::new(),
             power_gamma: Vec::new(),
+            min_decay: Vec::new(),
+            update_after_step: Vec::new(),
+            update_every: Vec::new(),
+            warmup: false,
+            warmup_gamma: Vec::new(),
+            warmup_power: Vec::new(),
+            inv_gamma: Vec::new(),
+            power: Vec::new(),
+            tau: Vec::new(),
         }
     }
 
