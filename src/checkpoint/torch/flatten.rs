@@ -415,8 +415,8 @@ where
             }
             Value::None | Value::Dict(_) => Ok(()),
             Value::BigInt => self.skip(name, "int (beyond 64 bits)".into()),
-            Value::Bytes(n) => self.skip(name, format!("bytes ({n})")),
-            Value::Set => self.skip(name, "set".into()),
+            Value::Bytes { len, .. } => self.skip(name, format!("bytes ({len})")),
+            Value::Set(_) => self.skip(name, "set".into()),
             Value::Global(g) => self.skip(name, format!("reference to {}", g.dotted())),
             Value::PersId(_) => self.skip(name, "storage".into()),
         }
