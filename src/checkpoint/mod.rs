@@ -36,6 +36,11 @@ pub enum Format {
     Sharded,
     /// A PyTorch zip checkpoint written by `torch.save`.
     Torch,
+    /// PyTorch's legacy format (`torch.save` before 1.6, or `_use_new_zipfile_serialization=False`).
+    #[serde(rename = "torch-legacy")]
+    TorchLegacy,
+    /// A plain pickle whose tensors embed their storages (`pickle.dump` of tensors, EDM2).
+    Pickle,
 }
 
 impl Format {
@@ -45,6 +50,8 @@ impl Format {
             Format::Safetensors => "safetensors",
             Format::Sharded => "sharded",
             Format::Torch => "torch",
+            Format::TorchLegacy => "torch-legacy",
+            Format::Pickle => "pickle",
         }
     }
 }
@@ -202,6 +209,7 @@ pub struct Checkpoint {
 
 /// What a format's reader found, for [`Checkpoint::new`].
 pub(crate) struct Found {
+    pub format: Format,
     pub files: Vec<DataFile>,
     pub tensors: Vec<TensorInfo>,
     pub metadata: BTreeMap<String, String>,
@@ -224,7 +232,7 @@ impl Checkpoint {
             return sharded::open(path, how);
         }
         let found = open_file(path, how)?;
-        Checkpoint::new(path, format_of(&found), found)
+        Checkpoint::new(path, found.format, found)
     }
 
     /// Builds a checkpoint from what a reader found; indexes the names and finds the step.
@@ -387,14 +395,6 @@ impl Checkpoint {
 }
 
 /// The format a single-file reader's result is in.
-fn format_of(found: &Found) -> Format {
-    if found.torch.is_some() {
-        Format::Torch
-    } else {
-        Format::Safetensors
-    }
-}
-
 /// Opens a single-file checkpoint, its format told by its first bytes.
 pub(crate) fn open_file(path: &Path, how: Open) -> Result<Found> {
     let mut magic = [0u8; 512];
@@ -405,39 +405,42 @@ pub(crate) fn open_file(path: &Path, how: Open) -> Result<Found> {
     if zip::is_zip(magic) {
         return torch::open(path, how);
     }
-    if let Some(what) = legacy_torch(magic) {
-        return Err(Error::format(
+    match pickle_kind(magic) {
+        Some(PickleKind::Tar) => Err(Error::format(
             path,
-            format!(
-                "{what} (PyTorch's legacy serialization, torch.save before 1.6 or with \
-                 _use_new_zipfile_serialization=False) is not supported; convert it once, in \
-                 Python, with torch.save(torch.load(\"{p}\", map_location=\"cpu\", \
-                 weights_only=False), \"{p}.zip.pth\") (weights_only=False runs the file's \
-                 pickle: do it only for files you trust)",
-                p = path.display()
-            ),
-        ));
+            "a tar archive (PyTorch's serialization before 0.4) is not supported; convert it \
+             once, in Python, with torch.save(torch.load(...)) on a trusted file",
+        )),
+        Some(PickleKind::Legacy) => torch::open_legacy(path, how),
+        Some(PickleKind::Plain) => torch::open_pickle(path, how),
+        None => safetensors::open(path),
     }
-    safetensors::open(path)
 }
 
-/// What a file in PyTorch's legacy (pre-zip) format is, from its first 512 bytes: a tar
-/// archive (torch < 0.4) or a bare pickle stream (torch < 1.6).
-fn legacy_torch(magic: &[u8]) -> Option<&'static str> {
+/// The pickle-based formats a file's first 512 bytes tell.
+enum PickleKind {
+    /// A tar archive (torch < 0.4).
+    Tar,
+    /// PyTorch's legacy serialization: a pickle of its magic number first.
+    Legacy,
+    /// Any other pickle stream (protocol 2 to 5).
+    Plain,
+}
+
+fn pickle_kind(magic: &[u8]) -> Option<PickleKind> {
     // A safetensors header (8 bytes of length, then JSON) is never taken for one.
     if magic.get(8) == Some(&b'{') {
         return None;
     }
     if magic.len() >= 262 && &magic[257..262] == b"ustar" {
-        return Some("a tar archive");
+        return Some(PickleKind::Tar);
     }
-    // A pickle (protocol 2 to 5) of torch's legacy magic number 0x1950a86a20f9469cfc6c, or any
-    // pickle stream.
+    // A pickle (protocol 2 to 5) of torch's legacy magic number 0x1950a86a20f9469cfc6c.
     match magic {
         [0x80, 2..=5, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, ..] => {
-            Some("a legacy PyTorch checkpoint")
+            Some(PickleKind::Legacy)
         }
-        [0x80, 2..=5, ..] => Some("a pickle file, not a zip archive,"),
+        [0x80, 2..=5, ..] => Some(PickleKind::Plain),
         _ => None,
     }
 }

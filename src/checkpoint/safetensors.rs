@@ -13,6 +13,7 @@ pub(crate) fn open(path: &Path) -> Result<Found> {
     let df = DataFile::open(path)?;
     let (tensors, metadata) = read_header(&df, 0)?;
     Ok(Found {
+        format: super::Format::Safetensors,
         files: vec![df],
         tensors,
         metadata,

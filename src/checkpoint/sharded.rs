@@ -131,7 +131,7 @@ pub(crate) fn open(path: &Path, how: Open) -> Result<Checkpoint> {
             step_keys = found.step_keys;
         }
         // Each shard is a checkpoint of its own: a name given twice is its error.
-        let c = Checkpoint::new(&shard_path, super::format_of(&found), found)?;
+        let c = Checkpoint::new(&shard_path, found.format, found)?;
         for n in names {
             if c.get(n).is_none() {
                 return Err(Error::tensor(
@@ -186,6 +186,7 @@ pub(crate) fn open(path: &Path, how: Open) -> Result<Checkpoint> {
         path,
         Format::Sharded,
         Found {
+            format: Format::Sharded,
             files,
             tensors,
             metadata,

@@ -104,7 +104,7 @@ pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
         "layout": layout,
         "skipped": c.skipped(),
     });
-    if c.format() == Format::Torch {
+    if c.torch().is_some() {
         // The top-level entries of the pickle: which hold tensors, values, skipped objects.
         v["tree"] = json!(c.torch().map(|t| &t.top));
     }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use super::flatten::flatten;
+use super::flatten::{flatten, Records};
 use super::views::TorchTensor;
 use super::MAX_PICKLE;
 use crate::checkpoint::Skipped;
@@ -56,6 +56,18 @@ pub struct Archive {
 }
 
 impl Archive {
+    /// What a pickle's flattening found, outside a zip archive.
+    pub(super) fn from_flat(flat: super::flatten::Flat) -> Archive {
+        Archive {
+            eocd_offset: 0,
+            storages: flat.storages,
+            tensors: flat.tensors,
+            metadata: flat.metadata,
+            skipped: flat.skipped,
+            top: flat.top,
+        }
+    }
+
     /// Reads and validates the directory and the pickle of the archive in `src`; `path` names
     /// it in errors.
     pub fn read(src: &Source, path: &Path) -> Result<Archive> {
@@ -134,7 +146,7 @@ impl Archive {
             let (off, len) = zip::data_range(&headers, &dir, &dir.entries[i]).map_err(fmt)?;
             Ok((dir.entries[i].clone(), off, len))
         };
-        let flat = flatten(&pickle, path, records)?;
+        let flat = flatten(&pickle, path, Records(records, path))?;
         drop(by_name);
         let mut metadata = flat.metadata;
         if let Some(rec) = std::str::from_utf8(&dir.comment)

@@ -25,10 +25,48 @@ pub(super) struct Flat {
     pub top: Vec<TopEntry>,
 }
 
+/// Where the storages of a pickle's tensors are.
+pub(super) trait Storages {
+    /// The record of storage `key`: its zip entry (a default one outside zip archives), the
+    /// offset of its data and how many bytes are there.
+    fn record(&mut self, key: &str) -> Result<(zip::Entry, u64, u64)>;
+
+    /// A storage embedded as the bytes `[at, at + len)` of the file
+    /// (`torch.storage._load_from_bytes`, a legacy-format file of the storage); its record is
+    /// then [`Storages::record`] of the key returned.
+    fn embedded(&mut self, at: u64, len: u64) -> Result<Embedded>;
+}
+
+/// [`Storages`] of a zip archive: `F` finds the `data/<key>` records; no storage is embedded
+/// as bytes there.
+pub(super) struct Records<'a, F>(pub F, pub &'a Path);
+
+impl<F: FnMut(&str) -> Result<(zip::Entry, u64, u64)>> Storages for Records<'_, F> {
+    fn record(&mut self, key: &str) -> Result<(zip::Entry, u64, u64)> {
+        (self.0)(key)
+    }
+
+    fn embedded(&mut self, _: u64, _: u64) -> Result<Embedded> {
+        Err(Error::Format {
+            path: self.1.to_path_buf(),
+            what: "data.pkl embeds a storage as bytes (torch.storage._load_from_bytes), which \
+                   torch.save never writes into a zip archive"
+                .into(),
+        })
+    }
+}
+
+/// A storage embedded as bytes: the key to find its record by, its type and its elements.
+pub(super) struct Embedded {
+    pub key: String,
+    pub storage_type: crate::codec::pickle::Global,
+    pub numel: u64,
+}
+
 pub(super) struct Walker<'p, F> {
     pub p: &'p Pickle,
     pub path: &'p Path,
-    /// Finds the record of storage `key`: (its zip entry, data offset, data length).
+    /// Finds the records of storages.
     pub records: F,
     pub flat: Flat,
     pub storage_index: HashMap<String, usize>,
@@ -48,10 +86,7 @@ pub(super) enum TensorLike {
 }
 
 /// Flattens the object graph of `p`; `records` locates storage records.
-pub(super) fn flatten<F>(p: &Pickle, path: &Path, records: F) -> Result<Flat>
-where
-    F: FnMut(&str) -> Result<(zip::Entry, u64, u64)>,
-{
+pub(super) fn flatten<F: Storages>(p: &Pickle, path: &Path, records: F) -> Result<Flat> {
     let mut w = Walker {
         p,
         path,
@@ -232,6 +267,59 @@ pub(super) fn call_kind(p: &Pickle, c: &Call) -> String {
     g.dotted()
 }
 
+/// The state of a pickled `nn.Module` that `c` rebuilds: its `__dict__` (given to `BUILD`,
+/// or, for EDM2's `torch_utils.persistence` classes, the `state` of the metadata given to
+/// `_reconstruct_persistent_obj`), when it holds `_parameters` or `_modules`.
+pub(super) fn module_state(p: &Pickle, c: &Call) -> Option<Id> {
+    let is_module_dict = |s: Id| {
+        entries_of(p, s).is_some_and(|e| {
+            e.iter()
+                .any(|&(k, _)| matches!(p.str(k), Some("_parameters" | "_modules")))
+        })
+    };
+    let persistent = p.global(c.func).is_some_and(|g| {
+        &*g.name == "_reconstruct_persistent_obj" && g.module.ends_with("persistence")
+    });
+    let state = if persistent {
+        let meta = *p.seq(c.args)?.first()?;
+        entries_of(p, meta)?
+            .iter()
+            .find(|&&(k, _)| p.str(k) == Some("state"))
+            .map(|&(_, v)| v)?
+    } else {
+        let s = c.state?;
+        // With __slots__, the state is (dict, slots).
+        match p.get(s) {
+            Value::Tuple(t) if !t.is_empty() => t[0],
+            _ => s,
+        }
+    };
+    is_module_dict(state).then_some(state)
+}
+
+/// The strings of a set (`{"a", "b"}` as pickled: `EMPTY_SET`+`ADDITEMS`, or `builtins.set`
+/// called on a list).
+fn set_strings(p: &Pickle, id: Id) -> Vec<String> {
+    let items: &[Id] = match p.get(id) {
+        Value::Set(items) => items,
+        Value::Call(c)
+            if p.global(c.func).is_some_and(|g| {
+                g.is("builtins", "set") || g.is("__builtin__", "set") || g.is("builtins", "frozenset")
+            }) =>
+        {
+            match p.seq(c.args).and_then(|a| a.first()).and_then(|&l| p.seq(l)) {
+                Some(items) => items,
+                None => &[],
+            }
+        }
+        _ => &[],
+    };
+    items
+        .iter()
+        .filter_map(|&i| p.str(i).map(str::to_string))
+        .collect()
+}
+
 /// Whether `id` is a dict with a `True` value (torch's `{"conj": True}` / `{"neg": True}`).
 pub(super) fn has_true_flag(p: &Pickle, id: Id) -> bool {
     entries_of(p, id).is_some_and(|e| e.iter().any(|&(_, v)| p.get(v) == &Value::Bool(true)))
@@ -260,10 +348,7 @@ pub(super) fn usize_seq(p: &Pickle, id: Id) -> Option<Vec<usize>> {
         .collect()
 }
 
-impl<'p, F> Walker<'p, F>
-where
-    F: FnMut(&str) -> Result<(zip::Entry, u64, u64)>,
-{
+impl<'p, F: Storages> Walker<'p, F> {
     pub(super) fn bad(&self, what: String) -> Error {
         Error::format(self.path, format!("data.pkl: {what}"))
     }
@@ -405,6 +490,9 @@ where
                     }
                     Some(TensorLike::Skip(kind)) => self.skip(name, kind),
                     None => {
+                        if let Some(state) = module_state(self.p, c) {
+                            return self.walk_module(state, &name, depth);
+                        }
                         let kind = call_kind(self.p, c);
                         self.skip(name, kind)
                     }
@@ -420,6 +508,45 @@ where
             Value::Global(g) => self.skip(name, format!("reference to {}", g.dotted())),
             Value::PersId(_) => self.skip(name, "storage".into()),
         }
+    }
+
+    /// Walks the state of a pickled `nn.Module`, giving the names `module.state_dict()` would:
+    /// its parameters, its persistent buffers, then its submodules', in their order. Nothing
+    /// else of the object (hooks, flags, plain tensor attributes) is a tensor of the
+    /// checkpoint.
+    fn walk_module(&mut self, state: Id, name: &str, depth: usize) -> Result<()> {
+        let p = self.p;
+        let field = |key: &str| -> Option<Id> {
+            entries_of(p, state)?
+                .iter()
+                .find(|&&(k, _)| p.str(k) == Some(key))
+                .map(|&(_, v)| v)
+        };
+        let non_persistent: Vec<String> = field("_non_persistent_buffers_set")
+            .map(|s| set_strings(p, s))
+            .unwrap_or_default();
+        for (group, skip) in [("_parameters", false), ("_buffers", true)] {
+            let Some(entries) = field(group).and_then(|g| entries_of(p, g)) else {
+                continue;
+            };
+            for &(k, v) in entries {
+                let Some(key) = key_text(p, k) else { continue };
+                if p.get(v) == &Value::None || (skip && non_persistent.contains(&key)) {
+                    continue;
+                }
+                self.walk(v, child(name, &key), depth + 1)?;
+            }
+        }
+        if let Some(entries) = field("_modules").and_then(|m| entries_of(p, m)) {
+            for &(k, v) in entries {
+                let Some(key) = key_text(p, k) else { continue };
+                if p.get(v) == &Value::None {
+                    continue;
+                }
+                self.walk(v, child(name, &key), depth + 1)?;
+            }
+        }
+        Ok(())
     }
 
     fn walk_seq(&mut self, items: &[Id], name: &str, depth: usize) -> Result<()> {

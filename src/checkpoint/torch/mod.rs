@@ -6,7 +6,9 @@
 //! - `flatten`: the object graph flattened into the flat namespace, plain values kept as
 //!   metadata, other objects listed as skipped;
 //! - `rebuild`: torch's tensor rebuild calls recognised as views of storage records;
-//! - `views`: the geometry of those views, and the gathering of a non-contiguous one.
+//! - `views`: the geometry of those views, and the gathering of a non-contiguous one;
+//! - `legacy`: the legacy (pre-zip) format and plain pickles whose storages are embedded as
+//!   bytes, read with the same flattening.
 //!
 //! Nothing is imported or called. A tensor whose elements are not one contiguous run of its
 //! storage is gathered into an anonymous temporary file when the checkpoint is opened
@@ -14,6 +16,7 @@
 
 mod archive;
 mod flatten;
+mod legacy;
 mod rebuild;
 mod views;
 
@@ -25,7 +28,7 @@ pub use archive::{Storage, TopEntry, COMMENT_PREFIX};
 pub(crate) use views::TorchTensor;
 
 use super::step::TORCH_STEP_KEYS;
-use super::{DataFile, Found, Open};
+use super::{DataFile, Format, Found, Open};
 use crate::codec::pickle::{self, Pickle};
 use crate::codec::{zip, StorageView, TensorInfo};
 use crate::error::{Error, Result};
@@ -63,10 +66,48 @@ pub struct Parts {
     pub eocd_offset: u64,
 }
 
-/// Opens a PyTorch checkpoint. Opened [`Open::Readable`], the values of non-contiguous views
-/// are gathered into a temporary file.
+/// Opens a PyTorch zip checkpoint. Opened [`Open::Readable`], the values of non-contiguous
+/// views are gathered into a temporary file.
 pub(crate) fn open(path: &Path, how: Open) -> Result<Found> {
     let df = DataFile::open(path)?;
+    let archive = Archive::read(&df.zip_source(), path)?;
+    finish(df, archive, how, path, Format::Torch)
+}
+
+/// Opens a checkpoint in PyTorch's legacy format, as [`open`] does a zip checkpoint.
+pub(crate) fn open_legacy(path: &Path, how: Open) -> Result<Found> {
+    let df = DataFile::open(path)?;
+    let size = df.len();
+    let file = legacy::read(df.file(), 0, size, path)?;
+    let storages = legacy::FileStorages {
+        file: df.file(),
+        size,
+        path,
+        keyed: file.storages,
+    };
+    let flat = flatten::flatten(&file.pickle, path, storages)?;
+    finish(df, Archive::from_flat(flat), how, path, Format::TorchLegacy)
+}
+
+/// Opens a plain pickle (`pickle.dump` of tensors, EDM2's snapshots) whose tensors embed their
+/// storages as bytes, as [`open`] does a zip checkpoint.
+pub(crate) fn open_pickle(path: &Path, how: Open) -> Result<Found> {
+    let df = DataFile::open(path)?;
+    let size = df.len();
+    let (p, _) = legacy::pickle_at(df.file(), 0, size, path, "pickle")?;
+    let storages = legacy::FileStorages {
+        file: df.file(),
+        size,
+        path,
+        keyed: Default::default(),
+    };
+    let flat = flatten::flatten(&p, path, storages)?;
+    finish(df, Archive::from_flat(flat), how, path, Format::Pickle)
+}
+
+/// What every PyTorch format's reader does with what it read: every tensor a contiguous byte
+/// range (a non-contiguous view gathered into a temporary file when opened readable).
+fn finish(df: DataFile, archive: Archive, how: Open, path: &Path, format: Format) -> Result<Found> {
     let Archive {
         eocd_offset,
         storages,
@@ -74,7 +115,7 @@ pub(crate) fn open(path: &Path, how: Open) -> Result<Found> {
         metadata,
         skipped,
         top,
-    } = Archive::read(&df.zip_source(), path)?;
+    } = archive;
     let mut spill: Option<DataFile> = None;
     let mut ungathered = false;
     let mut tensors = Vec::with_capacity(views.len());
@@ -123,6 +164,7 @@ pub(crate) fn open(path: &Path, how: Open) -> Result<Found> {
     let mut files = vec![df];
     files.extend(spill);
     Ok(Found {
+        format,
         files,
         tensors,
         metadata,
@@ -150,9 +192,24 @@ pub(crate) fn flatten_pickle_bytes(bytes: &[u8]) -> Result<Vec<TorchTensor>> {
     let path = Path::new("<memory>");
     let p = Pickle::parse(bytes, &pickle::LIMITS)
         .map_err(|e| Error::format(path, format!("data.pkl: {e}")))?;
-    let records =
-        |_: &str| -> Result<(zip::Entry, u64, u64)> { Ok((zip::Entry::default(), 0, 1 << 40)) };
-    Ok(flatten::flatten(&p, path, records)?.tensors)
+    /// Every record exists and is large; every embedded storage is one of floats.
+    struct Any;
+    impl flatten::Storages for Any {
+        fn record(&mut self, _: &str) -> Result<(zip::Entry, u64, u64)> {
+            Ok((zip::Entry::default(), 0, 1 << 40))
+        }
+        fn embedded(&mut self, at: u64, len: u64) -> Result<flatten::Embedded> {
+            Ok(flatten::Embedded {
+                key: format!("@{at}"),
+                storage_type: pickle::Global {
+                    module: "torch".into(),
+                    name: "FloatStorage".into(),
+                },
+                numel: len / 4,
+            })
+        }
+    }
+    Ok(flatten::flatten(&p, path, Any)?.tensors)
 }
 
 #[cfg(test)]

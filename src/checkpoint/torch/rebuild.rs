@@ -5,16 +5,13 @@
 //! what they are.
 
 use super::archive::Storage;
-use super::flatten::{has_true_flag, usize_seq, TensorLike, Walker};
+use super::flatten::{has_true_flag, usize_seq, Storages, TensorLike, Walker};
 use super::views::TorchTensor;
 use crate::codec::pickle::{self, Call, Id, Value};
-use crate::codec::{zip, DType};
+use crate::codec::DType;
 use crate::error::{Error, Result};
 
-impl<'p, F> Walker<'p, F>
-where
-    F: FnMut(&str) -> Result<(zip::Entry, u64, u64)>,
-{
+impl<'p, F: Storages> Walker<'p, F> {
     /// Interprets `c` as one of torch's tensor rebuild calls: a tensor, a tensor that is
     /// skipped (with why), or `None` when it is no tensor at all.
     pub(super) fn tensor_like(
@@ -61,10 +58,7 @@ where
                         ));
                     }
                 }
-                let storage = match self.p.get(args[0]) {
-                    Value::PersId(pid) => *pid,
-                    _ => return Err(malformed(self, "the storage is not a persistent id")),
-                };
+                let storage = args[0];
                 let explicit = match dtype_arg {
                     Some(i) => match self.p.global(args[i]) {
                         Some(d) if &*d.module == "torch" => match DType::from_torch_name(&d.name) {
@@ -149,11 +143,93 @@ where
         }
     }
 
-    /// A tensor viewing storage `pid` from `offset` with `size` and `stride`, checked against
+    /// The storage that `arg` of a rebuild call names: a persistent id (`('storage', type,
+    /// key, location, numel)`, with a sixth item, a view of another storage or `None`, in the
+    /// legacy format) or a storage embedded as bytes (`torch.storage._load_from_bytes(b)`).
+    /// Returns its key, type, size in elements and the offset (in elements) of the view.
+    fn storage_of(&mut self, arg: Id, name: &str) -> Result<(String, pickle::Global, u64, u64)> {
+        let terr = |w: &Self, what: &str| Error::tensor(w.path, name, what);
+        match self.p.get(arg) {
+            Value::PersId(pid) => {
+                let items = self
+                    .p
+                    .seq(*pid)
+                    .filter(|t| (t.len() == 5 || t.len() == 6) && self.p.str(t[0]) == Some("storage"))
+                    .ok_or_else(|| {
+                        terr(
+                            self,
+                            "malformed data.pkl: a persistent id that is not ('storage', type, \
+                             key, location, numel)",
+                        )
+                    })?
+                    .to_vec();
+                let storage_type = self
+                    .p
+                    .global(items[1])
+                    .ok_or_else(|| terr(self, "malformed data.pkl: storage type is not a global"))?
+                    .clone();
+                let key_of = |w: &Self, id: Id| match w.p.get(id) {
+                    Value::Str(s) => Ok(s.to_string()),
+                    Value::Int(i) => Ok(i.to_string()),
+                    _ => Err(terr(w, "malformed data.pkl: storage key is not a string")),
+                };
+                let key = key_of(self, items[2])?;
+                let numel = self
+                    .p
+                    .int(items[4])
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or_else(|| terr(self, "malformed data.pkl: storage size is not a count"))?;
+                // Legacy views of a storage: (root key, offset, size).
+                match items.get(5).map(|&v| self.p.get(v)) {
+                    None | Some(Value::None) => Ok((key, storage_type, numel, 0)),
+                    Some(_) => {
+                        let view = self
+                            .p
+                            .seq(items[5])
+                            .filter(|v| v.len() == 3)
+                            .ok_or_else(|| terr(self, "malformed storage view"))?
+                            .to_vec();
+                        let count = |w: &Self, id: Id| {
+                            w.p.int(id)
+                                .and_then(|n| u64::try_from(n).ok())
+                                .ok_or_else(|| terr(w, "malformed storage view"))
+                        };
+                        let (off, size) = (count(self, view[1])?, count(self, view[2])?);
+                        let _ = size;
+                        Ok((key_of(self, view[0])?, storage_type, numel, off))
+                    }
+                }
+            }
+            Value::Call(c)
+                if self
+                    .p
+                    .global(c.func)
+                    .is_some_and(|g| g.is("torch.storage", "_load_from_bytes")) =>
+            {
+                let bytes = self.p.seq(c.args).and_then(|a| a.first().copied());
+                match bytes.map(|b| self.p.get(b)) {
+                    Some(&Value::Bytes { at, len }) => {
+                        let e = self.records.embedded(at, len)?;
+                        Ok((e.key, e.storage_type, e.numel, 0))
+                    }
+                    _ => Err(terr(
+                        self,
+                        "malformed pickle: _load_from_bytes of something other than bytes",
+                    )),
+                }
+            }
+            _ => Err(terr(
+                self,
+                "malformed data.pkl: the storage is not a persistent id",
+            )),
+        }
+    }
+
+    /// A tensor viewing storage `arg` from `offset` with `size` and `stride`, checked against
     /// the storage's record.
     fn rebuild(
         &mut self,
-        pid: Id,
+        arg: Id,
         offset: Id,
         size: Id,
         stride: Id,
@@ -161,26 +237,8 @@ where
         name: &str,
     ) -> Result<Option<TensorLike>> {
         let terr = |w: &Self, what: String| Error::tensor(w.path, name, what);
-        // ('storage', storage_type, key, location, numel)
-        let pid_items = self
-            .p
-            .seq(pid)
-            .filter(|t| t.len() == 5 && self.p.str(t[0]) == Some("storage"))
-            .ok_or_else(|| {
-                terr(
-                    self,
-                    "malformed data.pkl: a persistent id that is not ('storage', type, key, \
-                     location, numel)"
-                        .into(),
-                )
-            })?
-            .to_vec();
-        let storage_type = self.p.global(pid_items[1]).ok_or_else(|| {
-            terr(
-                self,
-                "malformed data.pkl: storage type is not a global".into(),
-            )
-        })?;
+        let (key, storage_type, numel, view_offset) = self.storage_of(arg, name)?;
+        let storage_type = &storage_type;
         let storage_dtype = match (&*storage_type.module, &*storage_type.name) {
             ("torch" | "torch.storage", "UntypedStorage") => DType::U8,
             ("torch" | "torch.cuda", n) => match DType::from_torch_storage(n) {
@@ -195,26 +253,6 @@ where
             }
         };
         let dtype = explicit.unwrap_or(storage_dtype);
-        let key = match self.p.get(pid_items[2]) {
-            Value::Str(s) => s.to_string(),
-            Value::Int(i) => i.to_string(),
-            _ => {
-                return Err(terr(
-                    self,
-                    "malformed data.pkl: storage key is not a string".into(),
-                ))
-            }
-        };
-        let numel = self
-            .p
-            .int(pid_items[4])
-            .and_then(|n| u64::try_from(n).ok())
-            .ok_or_else(|| {
-                terr(
-                    self,
-                    "malformed data.pkl: storage size is not a count".into(),
-                )
-            })?;
         let nbytes = numel
             .checked_mul(storage_dtype.size() as u64)
             .ok_or_else(|| terr(self, format!("storage size {numel} overflows")))?;
@@ -232,7 +270,7 @@ where
                 i
             }
             None => {
-                let (entry, data_offset, record_len) = (self.records)(&key)?;
+                let (entry, data_offset, record_len) = self.records.record(&key)?;
                 if record_len < nbytes {
                     return Err(terr(
                         self,
@@ -257,6 +295,7 @@ where
             .p
             .int(offset)
             .and_then(|o| u64::try_from(o).ok())
+            .and_then(|o| o.checked_add(view_offset))
             .ok_or_else(|| {
                 terr(
                     self,
