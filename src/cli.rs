@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::codec::DType;
 use crate::fold::{cpu::MAPPED_INPUTS, Device};
-use crate::layout::{Layout, Side};
+use crate::layout::{Layout, Prefixes, Side};
 use crate::plan::choose::{Choice, Mode, StepRange};
 use crate::plan::Order;
 use crate::schedule::options::{EmaOptions, SwaOptions, Typed};
@@ -165,6 +165,9 @@ pub struct FoldArgs {
     #[command(flatten)]
     pub choose: ChooseArgs,
 
+    #[command(flatten)]
+    pub deploy: DeployArgs,
+
     /// Print the plan (order, steps, weights) and write nothing.
     #[arg(short = 'n', long)]
     pub dry_run: bool,
@@ -182,6 +185,23 @@ pub struct FoldArgs {
     /// resident; 0 reads every input with pread.
     #[arg(long, value_name = "N", default_value_t = MAPPED_INPUTS)]
     pub mapped_inputs: usize,
+}
+
+/// Folding the deployable weights of each input (`docs/layouts.md#deploy`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct DeployArgs {
+    /// Fold each input's deployable weights (the EMA side under the model's own names; for an
+    /// input without EMA pairs, its model tensors) into a plain state dict: no optimizer, no
+    /// counters.
+    #[arg(long)]
+    pub deploy: bool,
+
+    /// With --deploy: fold the raw (non-EMA) side of each input instead.
+    #[arg(long, requires = "deploy")]
+    pub raw: bool,
+
+    #[command(flatten)]
+    pub layout: LayoutArgs,
 }
 
 /// Which of the ordered inputs to fold (`--dry-run` shows those dropped, and why).
@@ -305,6 +325,9 @@ pub struct PosthocArgs {
     pub choose: ChooseArgs,
 
     #[command(flatten)]
+    pub deploy: DeployArgs,
+
+    #[command(flatten)]
     pub out: OutputArgs,
 
     /// Print the plan (snapshots, weights, condition number) and write nothing.
@@ -342,8 +365,15 @@ pub struct SwapArgs {
     #[arg(long, requires = "deploy")]
     pub raw: bool,
 
-    /// Which side holds the EMA weights (default: from the file's ema-tool metadata, else
-    /// mmengine → model, mmcv → model, timm → shadow).
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+}
+
+/// Where the EMA and raw weights are in a checkpoint, and the names deployed.
+#[derive(Debug, Args, Clone, Default)]
+pub struct LayoutArgs {
+    /// Which side holds the EMA weights (default: from the file's ema-tool metadata, else the
+    /// layout's: mmengine, mmcv, lightning → model; the others → shadow).
     #[arg(long, value_enum)]
     pub ema_on: Option<Side>,
 
@@ -351,9 +381,37 @@ pub struct SwapArgs {
     #[arg(long, value_enum)]
     pub layout: Option<Layout>,
 
-    /// Prefix stripped from deployed names (repeatable) [default: module.].
+    /// `--layout custom`: the prefix of the model side's names (`net.`).
+    #[arg(long, value_name = "P")]
+    pub model_prefix: Option<String>,
+
+    /// `--layout custom`: the prefix of the shadow side's names (`net_ema.`).
+    #[arg(long, value_name = "Q")]
+    pub shadow_prefix: Option<String>,
+
+    /// Prefix stripped from deployed names wherever it leads them, again and again
+    /// (repeatable) [default: module. and _orig_mod.].
     #[arg(long, value_name = "P")]
     pub strip_prefix: Vec<String>,
+}
+
+impl LayoutArgs {
+    /// The prefixes of `--layout custom`, when both are given.
+    pub fn prefixes(&self) -> Option<Prefixes> {
+        Some(Prefixes {
+            model: self.model_prefix.clone()?,
+            shadow: self.shadow_prefix.clone()?,
+        })
+    }
+
+    /// `--strip-prefix`, or its default.
+    pub fn strip(&self) -> Vec<String> {
+        if self.strip_prefix.is_empty() {
+            vec!["module.".into(), "_orig_mod.".into()]
+        } else {
+            self.strip_prefix.clone()
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]

@@ -93,7 +93,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__ema)
-            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --interval --gamma --warm-up --total-iter --sigma-rel --power-gamma --min-decay --update-after-step --update-every --warmup --warmup-gamma --warmup-power --inv-gamma --power --tau --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --steps --last --best --metric --mode --dry-run --device --threads --mapped-inputs --help --version"
+            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --interval --gamma --warm-up --total-iter --sigma-rel --power-gamma --min-decay --update-after-step --update-every --warmup --warmup-gamma --warmup-power --inv-gamma --power --tau --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --steps --last --best --metric --mode --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -225,6 +225,26 @@ _ema__tool() {
                     ;;
                 --mode)
                     COMPREPLY=($(compgen -W "max min" -- "${cur}"))
+                    return 0
+                    ;;
+                --ema-on)
+                    COMPREPLY=($(compgen -W "model shadow" -- "${cur}"))
+                    return 0
+                    ;;
+                --layout)
+                    COMPREPLY=($(compgen -W "mmengine mmcv timm lightning swa-utils ema-pytorch ultralytics custom" -- "${cur}"))
+                    return 0
+                    ;;
+                --model-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shadow-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --strip-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --device)
@@ -377,7 +397,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__posthoc)
-            opts="-o -f -q -n -j -h -V --sigma-rel --step --snapshot-sigma-rels --snapshot-gammas --no-normalize --skip-buffers --buffer-pattern --include --exclude --steps --last --best --metric --mode --output --max-shard-size --force --dtype --quiet --json --check-finite --dry-run --device --threads --mapped-inputs --help --version"
+            opts="-o -f -q -n -j -h -V --sigma-rel --step --snapshot-sigma-rels --snapshot-gammas --no-normalize --skip-buffers --buffer-pattern --include --exclude --steps --last --best --metric --mode --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --output --max-shard-size --force --dtype --quiet --json --check-finite --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -431,6 +451,26 @@ _ema__tool() {
                     COMPREPLY=($(compgen -W "max min" -- "${cur}"))
                     return 0
                     ;;
+                --ema-on)
+                    COMPREPLY=($(compgen -W "model shadow" -- "${cur}"))
+                    return 0
+                    ;;
+                --layout)
+                    COMPREPLY=($(compgen -W "mmengine mmcv timm lightning swa-utils ema-pytorch ultralytics custom" -- "${cur}"))
+                    return 0
+                    ;;
+                --model-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shadow-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --strip-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --output)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -471,7 +511,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__swa)
-            opts="-o -f -q -n -j -h -V --interval --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --steps --last --best --metric --mode --dry-run --device --threads --mapped-inputs --help --version"
+            opts="-o -f -q -n -j -h -V --interval --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --steps --last --best --metric --mode --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -533,6 +573,26 @@ _ema__tool() {
                     COMPREPLY=($(compgen -W "max min" -- "${cur}"))
                     return 0
                     ;;
+                --ema-on)
+                    COMPREPLY=($(compgen -W "model shadow" -- "${cur}"))
+                    return 0
+                    ;;
+                --layout)
+                    COMPREPLY=($(compgen -W "mmengine mmcv timm lightning swa-utils ema-pytorch ultralytics custom" -- "${cur}"))
+                    return 0
+                    ;;
+                --model-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shadow-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --strip-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --device)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -557,7 +617,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__swap)
-            opts="-o -f -q -d -h -V --output --max-shard-size --force --dtype --quiet --json --check-finite --deploy --raw --ema-on --layout --strip-prefix --help --version"
+            opts="-o -f -q -d -h -V --output --max-shard-size --force --dtype --quiet --json --check-finite --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -584,7 +644,15 @@ _ema__tool() {
                     return 0
                     ;;
                 --layout)
-                    COMPREPLY=($(compgen -W "mmengine mmcv timm" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "mmengine mmcv timm lightning swa-utils ema-pytorch ultralytics custom" -- "${cur}"))
+                    return 0
+                    ;;
+                --model-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shadow-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --strip-prefix)

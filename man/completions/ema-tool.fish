@@ -80,6 +80,19 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l best -d 'Keep 
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l metric -d 'The number that --best ranks by: a metadata entry (safetensors `__metadata__`, a plain value of a `.pth` such as timm\'s `metric`) or a one-element tensor (a Lightning ModelCheckpoint score); the end of a dotted name is enough when only one name ends so' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l mode -d 'Whether --best keeps the largest (accuracy) or the smallest (loss) values' -r -f -a "max\t'The largest values (accuracy, mAP)'
 min\t'The smallest values (loss)'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l ema-on -d 'Which side holds the EMA weights (default: from the file\'s ema-tool metadata, else the layout\'s: mmengine, mmcv, lightning → model; the others → shadow)' -r -f -a "model\t'The model\'s own tensors (`state_dict.<n>`, or `<n>` for mmcv without prefix)'
+shadow\t'The EMA copy\'s tensors (`ema_state_dict.module.<n>`, `ema_<n>`, `state_dict_ema.<n>`)'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l layout -d 'Layout of the EMA/raw pair (default: detected)' -r -f -a "mmengine\t'mmengine EMAHook: `state_dict.<n>` and `ema_state_dict.module.<n>` (+ `ema_state_dict.steps`)'
+mmcv\t'mmcv/mmdet 1.x hooks: `[state_dict.]<n>` and `[state_dict.]ema_<n with . → _>`'
+timm\t'timm: `state_dict.<n>` and `state_dict_ema.<n>`'
+lightning\t'Lightning ≥ 2.6 `EMAWeightAveraging`: `state_dict.<n>` (the average) and `current_model_state.<n>` (the raw weights)'
+swa-utils\t'torch `AveragedModel` saved beside the model: `<P>.<n>` and `<Q>.module.<n>` (+ `<Q>.n_averaged`)'
+ema-pytorch\t'ema-pytorch `EMA`/`KarrasEMA`/`PostHocEMA` state: `<P>.<n>` or `<Q>.online_model.<n>`, and `<Q>.ema_model.<n>` (+ `<Q>.initted`, `<Q>.step`)'
+ultralytics\t'ultralytics / YOLOv5 trainer checkpoints: `model.<n>` (may be absent) and `ema.<n>`'
+custom\t'`--model-prefix P` and `--shadow-prefix Q`: `P<n>` and `Q<n>`'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l model-prefix -d '`--layout custom`: the prefix of the model side\'s names (`net.`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l shadow-prefix -d '`--layout custom`: the prefix of the shadow side\'s names (`net_ema.`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l strip-prefix -d 'Prefix stripped from deployed names wherever it leads them, again and again (repeatable) [default: module. and _orig_mod.]' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l device -d 'Device that folds: cpu, cuda or cuda:N' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s j -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l mapped-inputs -d 'How many inputs (the first ones) the CPU fold reads through memory maps; the others are read with pread. A mapping costs less CPU on page-cached inputs, each keeps about 4 MiB resident; 0 reads every input with pread' -r
@@ -90,6 +103,8 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l json -d 'Print
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l check-finite -d 'Fail if any input or output value of a float tensor is NaN or infinite'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l per-iter -d 'Treat momentum as per training iteration: x_k holds over the iterations between the steps of x_{k-1} and x_k, and the schedule is applied at every one of them'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l skip-buffers -d 'Copy buffers (see --buffer-pattern) from the last checkpoint instead of averaging them (mmengine update_buffers=False, mmdet skip_buffers=True)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l deploy -d 'Fold each input\'s deployable weights (the EMA side under the model\'s own names; for an input without EMA pairs, its model tensors) into a plain state dict: no optimizer, no counters'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l raw -d 'With --deploy: fold the raw (non-EMA) side of each input instead'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s n -l dry-run -d 'Print the plan (order, steps, weights) and write nothing'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s V -l version -d 'Print version'
@@ -113,6 +128,19 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l best -d 'Keep 
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l metric -d 'The number that --best ranks by: a metadata entry (safetensors `__metadata__`, a plain value of a `.pth` such as timm\'s `metric`) or a one-element tensor (a Lightning ModelCheckpoint score); the end of a dotted name is enough when only one name ends so' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l mode -d 'Whether --best keeps the largest (accuracy) or the smallest (loss) values' -r -f -a "max\t'The largest values (accuracy, mAP)'
 min\t'The smallest values (loss)'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l ema-on -d 'Which side holds the EMA weights (default: from the file\'s ema-tool metadata, else the layout\'s: mmengine, mmcv, lightning → model; the others → shadow)' -r -f -a "model\t'The model\'s own tensors (`state_dict.<n>`, or `<n>` for mmcv without prefix)'
+shadow\t'The EMA copy\'s tensors (`ema_state_dict.module.<n>`, `ema_<n>`, `state_dict_ema.<n>`)'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l layout -d 'Layout of the EMA/raw pair (default: detected)' -r -f -a "mmengine\t'mmengine EMAHook: `state_dict.<n>` and `ema_state_dict.module.<n>` (+ `ema_state_dict.steps`)'
+mmcv\t'mmcv/mmdet 1.x hooks: `[state_dict.]<n>` and `[state_dict.]ema_<n with . → _>`'
+timm\t'timm: `state_dict.<n>` and `state_dict_ema.<n>`'
+lightning\t'Lightning ≥ 2.6 `EMAWeightAveraging`: `state_dict.<n>` (the average) and `current_model_state.<n>` (the raw weights)'
+swa-utils\t'torch `AveragedModel` saved beside the model: `<P>.<n>` and `<Q>.module.<n>` (+ `<Q>.n_averaged`)'
+ema-pytorch\t'ema-pytorch `EMA`/`KarrasEMA`/`PostHocEMA` state: `<P>.<n>` or `<Q>.online_model.<n>`, and `<Q>.ema_model.<n>` (+ `<Q>.initted`, `<Q>.step`)'
+ultralytics\t'ultralytics / YOLOv5 trainer checkpoints: `model.<n>` (may be absent) and `ema.<n>`'
+custom\t'`--model-prefix P` and `--shadow-prefix Q`: `P<n>` and `Q<n>`'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l model-prefix -d '`--layout custom`: the prefix of the model side\'s names (`net.`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l shadow-prefix -d '`--layout custom`: the prefix of the shadow side\'s names (`net_ema.`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l strip-prefix -d 'Prefix stripped from deployed names wherever it leads them, again and again (repeatable) [default: module. and _orig_mod.]' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l device -d 'Device that folds: cpu, cuda or cuda:N' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s j -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l mapped-inputs -d 'How many inputs (the first ones) the CPU fold reads through memory maps; the others are read with pread. A mapping costs less CPU on page-cached inputs, each keeps about 4 MiB resident; 0 reads every input with pread' -r
@@ -122,6 +150,8 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l json -d 'Print
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l check-finite -d 'Fail if any input or output value of a float tensor is NaN or infinite'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l per-iter -d 'Treat momentum as per training iteration: x_k holds over the iterations between the steps of x_{k-1} and x_k, and the schedule is applied at every one of them'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l skip-buffers -d 'Copy buffers (see --buffer-pattern) from the last checkpoint instead of averaging them (mmengine update_buffers=False, mmdet skip_buffers=True)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l deploy -d 'Fold each input\'s deployable weights (the EMA side under the model\'s own names; for an input without EMA pairs, its model tensors) into a plain state dict: no optimizer, no counters'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l raw -d 'With --deploy: fold the raw (non-EMA) side of each input instead'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s n -l dry-run -d 'Print the plan (order, steps, weights) and write nothing'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s V -l version -d 'Print version'
@@ -131,12 +161,19 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l dtype -d 'Dty
 f16\t''
 bf16\t''
 f64\t''"
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l ema-on -d 'Which side holds the EMA weights (default: from the file\'s ema-tool metadata, else mmengine → model, mmcv → model, timm → shadow)' -r -f -a "model\t'The model\'s own tensors (`state_dict.<n>`, or `<n>` for mmcv without prefix)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l ema-on -d 'Which side holds the EMA weights (default: from the file\'s ema-tool metadata, else the layout\'s: mmengine, mmcv, lightning → model; the others → shadow)' -r -f -a "model\t'The model\'s own tensors (`state_dict.<n>`, or `<n>` for mmcv without prefix)'
 shadow\t'The EMA copy\'s tensors (`ema_state_dict.module.<n>`, `ema_<n>`, `state_dict_ema.<n>`)'"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l layout -d 'Layout of the EMA/raw pair (default: detected)' -r -f -a "mmengine\t'mmengine EMAHook: `state_dict.<n>` and `ema_state_dict.module.<n>` (+ `ema_state_dict.steps`)'
 mmcv\t'mmcv/mmdet 1.x hooks: `[state_dict.]<n>` and `[state_dict.]ema_<n with . → _>`'
-timm\t'timm: `state_dict.<n>` and `state_dict_ema.<n>`'"
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l strip-prefix -d 'Prefix stripped from deployed names (repeatable) [default: module.]' -r
+timm\t'timm: `state_dict.<n>` and `state_dict_ema.<n>`'
+lightning\t'Lightning ≥ 2.6 `EMAWeightAveraging`: `state_dict.<n>` (the average) and `current_model_state.<n>` (the raw weights)'
+swa-utils\t'torch `AveragedModel` saved beside the model: `<P>.<n>` and `<Q>.module.<n>` (+ `<Q>.n_averaged`)'
+ema-pytorch\t'ema-pytorch `EMA`/`KarrasEMA`/`PostHocEMA` state: `<P>.<n>` or `<Q>.online_model.<n>`, and `<Q>.ema_model.<n>` (+ `<Q>.initted`, `<Q>.step`)'
+ultralytics\t'ultralytics / YOLOv5 trainer checkpoints: `model.<n>` (may be absent) and `ema.<n>`'
+custom\t'`--model-prefix P` and `--shadow-prefix Q`: `P<n>` and `Q<n>`'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l model-prefix -d '`--layout custom`: the prefix of the model side\'s names (`net.`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l shadow-prefix -d '`--layout custom`: the prefix of the shadow side\'s names (`net_ema.`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l strip-prefix -d 'Prefix stripped from deployed names wherever it leads them, again and again (repeatable) [default: module. and _orig_mod.]' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s f -l force -d 'Replace the output file if it exists'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s q -l quiet -d 'Print no progress bar, summary or warnings'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l json -d 'Print a machine-readable JSON summary on stdout'
@@ -158,6 +195,19 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l best -d 'K
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l metric -d 'The number that --best ranks by: a metadata entry (safetensors `__metadata__`, a plain value of a `.pth` such as timm\'s `metric`) or a one-element tensor (a Lightning ModelCheckpoint score); the end of a dotted name is enough when only one name ends so' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l mode -d 'Whether --best keeps the largest (accuracy) or the smallest (loss) values' -r -f -a "max\t'The largest values (accuracy, mAP)'
 min\t'The smallest values (loss)'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l ema-on -d 'Which side holds the EMA weights (default: from the file\'s ema-tool metadata, else the layout\'s: mmengine, mmcv, lightning → model; the others → shadow)' -r -f -a "model\t'The model\'s own tensors (`state_dict.<n>`, or `<n>` for mmcv without prefix)'
+shadow\t'The EMA copy\'s tensors (`ema_state_dict.module.<n>`, `ema_<n>`, `state_dict_ema.<n>`)'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l layout -d 'Layout of the EMA/raw pair (default: detected)' -r -f -a "mmengine\t'mmengine EMAHook: `state_dict.<n>` and `ema_state_dict.module.<n>` (+ `ema_state_dict.steps`)'
+mmcv\t'mmcv/mmdet 1.x hooks: `[state_dict.]<n>` and `[state_dict.]ema_<n with . → _>`'
+timm\t'timm: `state_dict.<n>` and `state_dict_ema.<n>`'
+lightning\t'Lightning ≥ 2.6 `EMAWeightAveraging`: `state_dict.<n>` (the average) and `current_model_state.<n>` (the raw weights)'
+swa-utils\t'torch `AveragedModel` saved beside the model: `<P>.<n>` and `<Q>.module.<n>` (+ `<Q>.n_averaged`)'
+ema-pytorch\t'ema-pytorch `EMA`/`KarrasEMA`/`PostHocEMA` state: `<P>.<n>` or `<Q>.online_model.<n>`, and `<Q>.ema_model.<n>` (+ `<Q>.initted`, `<Q>.step`)'
+ultralytics\t'ultralytics / YOLOv5 trainer checkpoints: `model.<n>` (may be absent) and `ema.<n>`'
+custom\t'`--model-prefix P` and `--shadow-prefix Q`: `P<n>` and `Q<n>`'"
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l model-prefix -d '`--layout custom`: the prefix of the model side\'s names (`net.`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l shadow-prefix -d '`--layout custom`: the prefix of the shadow side\'s names (`net_ema.`)' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l strip-prefix -d 'Prefix stripped from deployed names wherever it leads them, again and again (repeatable) [default: module. and _orig_mod.]' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
@@ -169,6 +219,8 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s j -l threa
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l mapped-inputs -d 'How many inputs (the first ones) the CPU fold reads through memory maps' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l no-normalize -d 'Leave the solved weights as they are instead of normalising them to sum 1 (what ema-pytorch\'s `synthesize_ema_model` does)'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l skip-buffers -d 'Copy buffers (see --buffer-pattern) from the last snapshot instead of averaging them (EDM2\'s reconstruction; ema-pytorch averages them)'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l deploy -d 'Fold each input\'s deployable weights (the EMA side under the model\'s own names; for an input without EMA pairs, its model tensors) into a plain state dict: no optimizer, no counters'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l raw -d 'With --deploy: fold the raw (non-EMA) side of each input instead'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s f -l force -d 'Replace the output file if it exists'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s q -l quiet -d 'Print no progress bar, summary or warnings'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l json -d 'Print a machine-readable JSON summary on stdout'

@@ -92,12 +92,14 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
     if let Some(w) = &ordered.warning {
         super::warn(args.out.quiet, w);
     }
+    let deploy = deploy_of(&args.deploy);
     let opts = Options {
         include: &args.include,
         exclude: &args.exclude,
         skip_buffers: args.skip_buffers,
         buffer_pattern: &args.buffer_pattern,
         dtype: args.out.dtype.map(Into::into),
+        deploy: deploy.as_ref().map(|d| d.get()),
         ..Options::default()
     };
     let plan = build(ordered, outputs, &opts)?;
@@ -122,6 +124,7 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
         started,
         metadata: &[],
         chosen: &chosen,
+        plain: args.deploy.deploy,
     };
     if plan.outputs.len() == 1 {
         one(
@@ -145,6 +148,37 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
     }
 }
 
+/// What `--deploy` asks of a fold's plan, owned until the plan is built.
+pub struct DeployOwned {
+    raw: bool,
+    layout: crate::cli::LayoutArgs,
+    custom: Option<crate::layout::Prefixes>,
+    strip: Vec<String>,
+}
+
+impl DeployOwned {
+    /// The plan's view of it.
+    pub fn get(&self) -> crate::plan::fold::Deploy<'_> {
+        crate::plan::fold::Deploy {
+            raw: self.raw,
+            layout: self.layout.layout,
+            custom: self.custom.as_ref(),
+            ema_on: self.layout.ema_on,
+            strip: &self.strip,
+        }
+    }
+}
+
+/// `--deploy` of a fold command, if given.
+pub fn deploy_of(args: &crate::cli::DeployArgs) -> Option<DeployOwned> {
+    args.deploy.then(|| DeployOwned {
+        raw: args.raw,
+        layout: args.layout.clone(),
+        custom: args.layout.prefixes(),
+        strip: args.layout.strip(),
+    })
+}
+
 /// How the fold runs and reports, beyond the plan.
 pub struct Run<'a> {
     pub out: &'a OutputArgs,
@@ -156,6 +190,8 @@ pub struct Run<'a> {
     pub metadata: &'a [(String, String)],
     /// Which inputs were kept (and their metrics) and which dropped.
     pub chosen: &'a Chosen,
+    /// The outputs are deployed state dicts (`--deploy`): no metadata of the inputs is kept.
+    pub plain: bool,
 }
 
 /// `"dropped"` (when an input was) and the inputs' `"metric"` (when `--best` ranked them) of a
@@ -190,6 +226,10 @@ fn output_metadata(
 ) -> std::collections::BTreeMap<String, String> {
     let last = plan.inputs.last().expect("at least one input");
     let mut base = last.metadata().clone();
+    if how.plain {
+        // A deployed state dict: none of the training checkpoint's entries but its step.
+        base.retain(|k, _| k == "step");
+    }
     for (k, v) in how.metadata {
         base.insert(k.clone(), v.clone());
     }

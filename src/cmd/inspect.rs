@@ -81,15 +81,34 @@ pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
         *dtypes.entry(t.dtype.to_string()).or_default() += 1;
     }
     let parameters: u64 = c.tensors().iter().map(TensorInfo::numel).sum();
+    let path = c.path().display();
     let layout = layout::detect(c).map(|p| {
+        let deploy = format!("ema-tool swap --deploy {path} -o model.safetensors");
         json!({
             "name": p.layout,
             "pairs": p.pairs.len(),
             "ema_on": p.ema_side(c, None),
             "model_prefix": p.model_prefix,
+            "shadow_prefix": p.shadow_prefix,
+            "absent": p.absent(),
             "pair_names": p.pairs.iter().map(|x| json!([c.tensors()[x.model].name, c.tensors()[x.shadow].name])).collect::<Vec<_>>(),
+            "deploy": deploy,
         })
     });
+    let subtrees: Vec<Value> = layout::subtrees(c)
+        .into_iter()
+        .map(|(name, tensors)| json!({"name": name, "tensors": tensors}))
+        .collect();
+    let custom = layout
+        .is_none()
+        .then(|| layout::mirrored_subtrees(c))
+        .flatten()
+        .map(|(m, s)| {
+            format!(
+            "ema-tool swap --deploy --layout custom --model-prefix {m} --shadow-prefix {s} {path} \
+             -o model.safetensors"
+        )
+        });
     let mut v = json!({
         "path": c.path(),
         "format": c.format(),
@@ -102,6 +121,8 @@ pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
         "step": c.step(),
         "step_source": c.step_source(),
         "layout": layout,
+        "subtrees": subtrees,
+        "custom_layout": custom,
         "skipped": c.skipped(),
     });
     if c.torch().is_some() {
@@ -267,13 +288,45 @@ fn print_human(d: &Value) {
         }
     }
     match &d["layout"] {
-        Value::Null => println!("  layout      no EMA/raw pairs"),
-        l => println!(
-            "  layout      {}: {} pairs, EMA on the {} side",
-            s(&l["name"]),
-            l["pairs"],
-            s(&l["ema_on"])
-        ),
+        Value::Null => {
+            println!("  layout      no EMA/raw pairs");
+            let subtrees = d["subtrees"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            if subtrees.len() > 1 {
+                let list: Vec<String> = subtrees
+                    .iter()
+                    .map(|t| format!("{} ({} tensors)", s(&t["name"]), t["tensors"]))
+                    .collect();
+                println!("  subtrees    {}", list.join(", "));
+                match d["custom_layout"].as_str() {
+                    Some(cmd) => println!("  hint        if one holds the EMA: {cmd}"),
+                    None => println!(
+                        "  hint        an EMA under other names: --layout custom \
+                         --model-prefix P --shadow-prefix Q"
+                    ),
+                }
+            }
+        }
+        l => {
+            match l["absent"].as_str() {
+                Some(side) => println!(
+                    "  layout      {}: the {} side only ({}…), no {side} side",
+                    s(&l["name"]),
+                    if side == "model" { "shadow" } else { "model" },
+                    if side == "model" {
+                        s(&l["shadow_prefix"])
+                    } else {
+                        s(&l["model_prefix"])
+                    },
+                ),
+                None => println!(
+                    "  layout      {}: {} pairs, EMA on the {} side",
+                    s(&l["name"]),
+                    l["pairs"],
+                    s(&l["ema_on"])
+                ),
+            }
+            println!("  deploy      {}", s(&l["deploy"]));
+        }
     }
     if let Some(tree) = d["tree"].as_array() {
         print_tree(tree);

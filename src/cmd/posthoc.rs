@@ -257,6 +257,7 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
         order: Order::Step,
         warning: None,
     };
+    let deploy = super::fold::deploy_of(&args.deploy);
     let copy: Vec<String> = if any_folder {
         COUNTERS.iter().map(|s| s.to_string()).collect()
     } else {
@@ -269,6 +270,7 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
         buffer_pattern: &args.buffer_pattern,
         copy: &copy,
         dtype: args.out.dtype.map(Into::into),
+        deploy: deploy.as_ref().map(|d| d.get()),
     };
     let plan = build(ordered, outputs, &opts)?;
     let params: Vec<Value> = swept
@@ -326,6 +328,7 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
         started,
         metadata: &meta,
         chosen: &chosen,
+        plain: args.deploy.deploy,
     };
     if plan.outputs.len() == 1 {
         let record = records.into_iter().next().expect("one output");

@@ -51,7 +51,7 @@ pub fn run(args: &SwapArgs, rt: &Runtime) -> Result<()> {
         )));
     }
     let pairing = find_pairing(&ckpt, args)?;
-    let ema_side = pairing.ema_side(&ckpt, args.ema_on);
+    let ema_side = pairing.ema_side(&ckpt, args.layout.ema_on);
     if in_archive {
         return swap_in_archive(ckpt, &pairing, ema_side, output, args, started, rt);
     }
@@ -66,15 +66,11 @@ pub fn run(args: &SwapArgs, rt: &Runtime) -> Result<()> {
             "taken_from": if args.raw { ema_side.flip() } else { ema_side },
             "input": ckpt.path(),
         });
-        let default_strip = ["module.".to_string()];
+        let strip = args.layout.strip();
         let deploy = plan::swap::Deploy {
             ema_side,
             raw: args.raw,
-            strip: if args.strip_prefix.is_empty() {
-                &default_strip
-            } else {
-                &args.strip_prefix
-            },
+            strip: &strip,
             dtype: args.out.dtype.map(Into::into),
         };
         let plan = plan::swap::deploy(ckpt, &pairing, &deploy, output.clone())?;
@@ -188,8 +184,8 @@ fn swap_in_archive(
 
 /// The pairing of `--layout`, or the detected one.
 fn find_pairing(ckpt: &Checkpoint, args: &SwapArgs) -> Result<Pairing> {
-    let pairing = match args.layout {
-        Some(l) => layout::pair(ckpt, l)?,
+    let pairing = match args.layout.layout {
+        Some(l) => layout::pair(ckpt, l, args.layout.prefixes().as_ref())?,
         None => layout::detect(ckpt).ok_or_else(|| {
             Error::format(
                 ckpt.path(),
@@ -198,11 +194,22 @@ fn find_pairing(ckpt: &Checkpoint, args: &SwapArgs) -> Result<Pairing> {
             )
         })?,
     };
-    if pairing.pairs.is_empty() {
+    if pairing.pairs.is_empty() && pairing.absent().is_none() {
         return Err(Error::format(
             ckpt.path(),
             format!(
                 "no EMA/raw weight pairs in the {} layout",
+                pairing.layout.name()
+            ),
+        ));
+    }
+    if let (Some(side), false) = (pairing.absent(), args.deploy) {
+        return Err(Error::format(
+            ckpt.path(),
+            format!(
+                "has no {} side in the {} layout: there is nothing to swap with (`swap --deploy` \
+                 writes the side it has)",
+                side.name(),
                 pairing.layout.name()
             ),
         ));

@@ -63,7 +63,10 @@ pub enum Value {
     /// `bytes` or `bytearray`: where its contents start in the pickle's source (the pickle's
     /// own bytes, or the file that [`scan`] read it from) and how long they are. The contents
     /// are never read by the machine.
-    Bytes { at: u64, len: u64 },
+    Bytes {
+        at: u64,
+        len: u64,
+    },
     List(Vec<Id>),
     Tuple(Vec<Id>),
     Dict(Vec<(Id, Id)>),
@@ -412,15 +415,17 @@ impl<R: ReadAt + ?Sized> Cursor<'_, R> {
                 self.size.saturating_sub(self.pos)
             ));
         }
-        let have = |c: &Self| {
-            c.pos >= c.buf_at && c.pos + n as u64 <= c.buf_at + c.buf.len() as u64
-        };
+        let have =
+            |c: &Self| c.pos >= c.buf_at && c.pos + n as u64 <= c.buf_at + c.buf.len() as u64;
         if !have(self) {
             let want = n.max(Self::CHUNK).min((self.size - self.pos) as usize);
             self.buf.resize(want, 0);
             let mut got = 0;
             while got < want {
-                match self.src.read_at(&mut self.buf[got..], self.pos + got as u64) {
+                match self
+                    .src
+                    .read_at(&mut self.buf[got..], self.pos + got as u64)
+                {
                     Ok(0) => break,
                     Ok(k) => got += k,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -1308,7 +1313,10 @@ mod tests {
         let lie = b"\x80\x04B\xff\xff\x00\x00ab.";
         assert!(scan(&lie[..], 0, lie.len() as u64, 1 << 20).is_err());
         // The private opcode is refused in a pickle parsed as it is.
-        assert!(parse(b"\xf0\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00.").is_err());
+        assert!(
+            parse(b"\xf0\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00.")
+                .is_err()
+        );
     }
 
     #[test]

@@ -7,12 +7,15 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use std::collections::HashMap;
+
 use super::order::{order_inputs, Order};
 use super::select::{glob_match, selected};
 use super::{Make, Output, Plan, Src, Tensor};
 use crate::checkpoint::{Checkpoint, Open};
 use crate::codec::DType;
 use crate::error::{Error, Result};
+use crate::layout::{self, Layout, Prefixes, Side};
 
 /// What selects and converts the tensors of a fold.
 #[derive(Clone, Copy, Debug, Default)]
@@ -29,6 +32,111 @@ pub struct Options<'a> {
     pub copy: &'a [String],
     /// The dtype of floating-point outputs (default: each tensor's input dtype).
     pub dtype: Option<DType>,
+    /// Fold what each input deploys instead of its tensors as they are.
+    pub deploy: Option<Deploy<'a>>,
+}
+
+/// `--deploy` of a fold: for each input, the tensors `swap --deploy` would write, under the
+/// deployed names (`docs/layouts.md#deploy`).
+#[derive(Clone, Copy, Debug)]
+pub struct Deploy<'a> {
+    /// The other side than the EMA's (`--raw`).
+    pub raw: bool,
+    /// `--layout` (default: detected per input), with `custom`'s prefixes.
+    pub layout: Option<Layout>,
+    pub custom: Option<&'a Prefixes>,
+    /// `--ema-on`.
+    pub ema_on: Option<Side>,
+    /// `--strip-prefix` (or its default).
+    pub strip: &'a [String],
+}
+
+/// The top-level entries that never deploy, for inputs without EMA pairs.
+const NOT_DEPLOYED: [&str; 6] = [
+    "optimizer.",
+    "optimizer_states.",
+    "optimizers.",
+    "lr_scheduler.",
+    "lr_schedulers.",
+    "scheduler.",
+];
+
+/// What `c` deploys: `(deployed name, tensor index)`. With EMA pairs (or a layout with a side
+/// absent), one side under the model's names; else the `state_dict`, `model` or `module`
+/// subtree if there is one, else every tensor but optimizer and scheduler state; prefixes
+/// stripped.
+pub fn deployed_tensors(c: &Checkpoint, d: &Deploy) -> Result<Vec<(String, usize)>> {
+    let pairing = match d.layout {
+        Some(l) => Some(layout::pair(c, l, d.custom)?),
+        None => layout::detect(c),
+    };
+    if let Some(p) = pairing {
+        let ema = p.ema_side(c, d.ema_on);
+        let take = if d.raw { ema.flip() } else { ema };
+        return super::swap::deployed(c, &p, take, d.strip);
+    }
+    let names = || c.tensors().iter().map(|t| t.name.as_str());
+    let subtree = ["state_dict.", "model.", "module."]
+        .into_iter()
+        .find(|p| names().any(|n| n.starts_with(p)));
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, n) in names().enumerate() {
+        let rest = match subtree {
+            Some(p) => match n.strip_prefix(p) {
+                Some(r) => r,
+                None => continue,
+            },
+            None if NOT_DEPLOYED.iter().any(|p| n.starts_with(p)) => continue,
+            None => n,
+        };
+        let name = super::swap::strip_prefixes(rest, d.strip).to_string();
+        if let Some(prev) = seen.insert(name.clone(), i) {
+            return Err(Error::tensor(
+                c.path(),
+                n,
+                format!(
+                    "deploys as `{name}`, like `{}`; pass other --strip-prefix values",
+                    c.tensors()[prev].name
+                ),
+            ));
+        }
+        out.push((name, i));
+    }
+    Ok(out)
+}
+
+/// The tensors of the inputs under the names a fold matches them by: their own, or with
+/// `--deploy` what each deploys.
+enum Names<'a> {
+    Own(&'a [Checkpoint]),
+    /// Each input's deployed names in order, and indexed.
+    Deployed(Vec<DeployedNames>),
+}
+
+type DeployedNames = (Vec<(String, usize)>, HashMap<String, usize>);
+
+impl Names<'_> {
+    /// Input `ci`'s `(name, tensor index)` in its order.
+    fn list(&self, ci: usize) -> Vec<(&str, usize)> {
+        match self {
+            Names::Own(c) => c[ci]
+                .tensors()
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.as_str(), i))
+                .collect(),
+            Names::Deployed(v) => v[ci].0.iter().map(|(n, i)| (n.as_str(), *i)).collect(),
+        }
+    }
+
+    /// The tensor of input `ci` named `name`; `hint`, its position in another input's list.
+    fn find(&self, ci: usize, name: &str, hint: usize) -> Option<usize> {
+        match self {
+            Names::Own(c) => c[ci].position_near(name, hint),
+            Names::Deployed(v) => v[ci].1.get(name).copied(),
+        }
+    }
 }
 
 /// Opens every input readable. In parallel: a header of many tensors takes milliseconds to
@@ -100,16 +208,29 @@ pub fn build(ordered: Ordered, outputs: Vec<Output>, opts: &Options) -> Result<P
     let last_i = n - 1;
     let last = &ckpts[last_i];
     let is_selected = |name: &str| selected(name, opts.include, opts.exclude);
+    let names = match &opts.deploy {
+        None => Names::Own(ckpts),
+        Some(d) => Names::Deployed(
+            ckpts
+                .iter()
+                .map(|c| {
+                    let list = deployed_tensors(c, d)?;
+                    let index = list.iter().map(|(n, i)| (n.clone(), *i)).collect();
+                    Ok((list, index))
+                })
+                .collect::<Result<_>>()?,
+        ),
+    };
     // Tensors of other inputs missing from the last one.
-    for c in &ckpts[..last_i] {
-        if let Some(t) = c
-            .tensors()
-            .iter()
+    for (ci, c) in ckpts[..last_i].iter().enumerate() {
+        if let Some((name, _)) = names
+            .list(ci)
+            .into_iter()
             .enumerate()
-            .find(|(i, t)| is_selected(&t.name) && last.position_near(&t.name, *i).is_none())
-            .map(|(_, t)| t)
+            .find(|(i, (n, _))| is_selected(n) && names.find(last_i, n, *i).is_none())
+            .map(|(_, x)| x)
         {
-            return Err(Error::missing(last.path(), c.path(), &t.name));
+            return Err(Error::missing(last.path(), c.path(), name));
         }
     }
     let out_dtype = |d: DType| match opts.dtype {
@@ -121,14 +242,15 @@ pub fn build(ordered: Ordered, outputs: Vec<Output>, opts: &Options) -> Result<P
         .map(|k| outputs.iter().any(|o| o.weights[k] != 0.0))
         .collect();
     let mut tensors = Vec::new();
-    for (ti, t) in last.tensors().iter().enumerate() {
-        if !is_selected(&t.name) {
+    for (pos_in_list, (out_name, ti)) in names.list(last_i).into_iter().enumerate() {
+        let t = &last.tensors()[ti];
+        if !is_selected(out_name) {
             continue;
         }
         let mut sources = Vec::new();
         for (ci, c) in ckpts.iter().enumerate() {
-            let Some(pos) = c.position_near(&t.name, ti) else {
-                return Err(Error::missing(c.path(), last.path(), &t.name));
+            let Some(pos) = names.find(ci, out_name, pos_in_list) else {
+                return Err(Error::missing(c.path(), last.path(), out_name));
             };
             let o = &c.tensors()[pos];
             if o.shape != t.shape {
@@ -161,8 +283,8 @@ pub fn build(ordered: Ordered, outputs: Vec<Output>, opts: &Options) -> Result<P
             }
         }
         let buffer = (opts.skip_buffers
-            && opts.buffer_pattern.iter().any(|g| glob_match(g, &t.name)))
-            || opts.copy.iter().any(|g| glob_match(g, &t.name));
+            && opts.buffer_pattern.iter().any(|g| glob_match(g, out_name)))
+            || opts.copy.iter().any(|g| glob_match(g, out_name));
         let only_one =
             |s: &[Src]| s.len() == 1 && outputs.iter().all(|o| o.weights[s[0].input] == 1.0);
         let make = if !t.dtype.is_float() || buffer {
@@ -178,7 +300,7 @@ pub fn build(ordered: Ordered, outputs: Vec<Output>, opts: &Options) -> Result<P
             Make::Fold { sources }
         };
         tensors.push(Tensor {
-            name: t.name.clone(),
+            name: out_name.to_string(),
             dtype: out_dtype(t.dtype),
             shape: t.shape.clone(),
             make,

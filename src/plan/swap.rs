@@ -87,39 +87,102 @@ pub struct Deploy<'a> {
     pub dtype: Option<DType>,
 }
 
-/// The weights of one side under the model's own names, prefixes stripped.
-pub fn deploy(ckpt: Checkpoint, pairing: &Pairing, d: &Deploy, target: PathBuf) -> Result<Plan> {
-    let take = if d.raw { d.ema_side.flip() } else { d.ema_side };
+/// `name` with every prefix of `strip` removed wherever one leads it, again and again
+/// (`module._orig_mod.conv.weight` → `conv.weight`).
+pub fn strip_prefixes<'a>(mut name: &'a str, strip: &[String]) -> &'a str {
+    loop {
+        let before = name.len();
+        for p in strip {
+            if !p.is_empty() {
+                name = name.strip_prefix(p.as_str()).unwrap_or(name);
+            }
+        }
+        if name.len() == before {
+            return name;
+        }
+    }
+}
+
+/// What one side of a checkpoint deploys: `(deployed name, tensor index)` in file order. The
+/// model side's names, each taken from `take` (a tensor with no partner on the shadow side
+/// from the model side); or, when the model side is absent, the shadow side's.
+pub fn deployed(
+    ckpt: &Checkpoint,
+    pairing: &Pairing,
+    take: Side,
+    strip: &[String],
+) -> Result<Vec<(String, usize)>> {
     let shadow_of: HashMap<usize, usize> =
         pairing.pairs.iter().map(|p| (p.model, p.shadow)).collect();
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    let mut tensors = Vec::new();
-    for (model_idx, plain) in &pairing.model_tensors {
-        let src = match take {
-            Side::Model => *model_idx,
-            Side::Shadow => shadow_of.get(model_idx).copied().unwrap_or(*model_idx),
-        };
-        let mut name = plain.as_str();
-        for p in d.strip {
-            name = name.strip_prefix(p.as_str()).unwrap_or(name);
+    let from: Vec<(usize, &str, usize)> = match (pairing.absent(), take) {
+        (Some(Side::Model), Side::Model) | (Some(Side::Shadow), Side::Shadow) => {
+            return Err(Error::format(
+                ckpt.path(),
+                format!(
+                    "has no {} side in the {} layout (only `{}…`), so it cannot deploy it{}",
+                    take.name(),
+                    pairing.layout.name(),
+                    if take == Side::Model {
+                        &pairing.shadow_prefix
+                    } else {
+                        &pairing.model_prefix
+                    },
+                    if take == Side::Model {
+                        "; deploy the EMA (without --raw)"
+                    } else {
+                        ""
+                    }
+                ),
+            ))
         }
-        if let Some(prev) = seen.insert(name.to_string(), *model_idx) {
+        (Some(Side::Model), _) => pairing
+            .shadow_tensors
+            .iter()
+            .map(|(i, n)| (*i, n.as_str(), *i))
+            .collect(),
+        _ => pairing
+            .model_tensors
+            .iter()
+            .map(|(i, n)| {
+                let src = match take {
+                    Side::Model => *i,
+                    Side::Shadow => shadow_of.get(i).copied().unwrap_or(*i),
+                };
+                (*i, n.as_str(), src)
+            })
+            .collect(),
+    };
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out = Vec::with_capacity(from.len());
+    for (idx, plain, src) in from {
+        let name = strip_prefixes(plain, strip);
+        if let Some(prev) = seen.insert(name.to_string(), idx) {
             return Err(Error::tensor(
                 ckpt.path(),
-                &ckpt.tensors()[*model_idx].name,
+                &ckpt.tensors()[idx].name,
                 format!(
                     "deploys as `{name}`, like `{}`; pass other --strip-prefix values",
                     ckpt.tensors()[prev].name
                 ),
             ));
         }
+        out.push((name.to_string(), src));
+    }
+    Ok(out)
+}
+
+/// The weights of one side under the model's own names, prefixes stripped.
+pub fn deploy(ckpt: Checkpoint, pairing: &Pairing, d: &Deploy, target: PathBuf) -> Result<Plan> {
+    let take = if d.raw { d.ema_side.flip() } else { d.ema_side };
+    let mut tensors = Vec::new();
+    for (name, src) in deployed(&ckpt, pairing, take, d.strip)? {
         let t = &ckpt.tensors()[src];
         let dtype = match d.dtype {
             Some(o) if t.dtype.is_float() => o,
             _ => t.dtype,
         };
         tensors.push(Tensor {
-            name: name.to_string(),
+            name,
             dtype,
             shape: t.shape.clone(),
             make: Make::Copy {

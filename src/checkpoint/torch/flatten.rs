@@ -304,10 +304,16 @@ fn set_strings(p: &Pickle, id: Id) -> Vec<String> {
         Value::Set(items) => items,
         Value::Call(c)
             if p.global(c.func).is_some_and(|g| {
-                g.is("builtins", "set") || g.is("__builtin__", "set") || g.is("builtins", "frozenset")
+                g.is("builtins", "set")
+                    || g.is("__builtin__", "set")
+                    || g.is("builtins", "frozenset")
             }) =>
         {
-            match p.seq(c.args).and_then(|a| a.first()).and_then(|&l| p.seq(l)) {
+            match p
+                .seq(c.args)
+                .and_then(|a| a.first())
+                .and_then(|&l| p.seq(l))
+            {
                 Some(items) => items,
                 None => &[],
             }

@@ -37,7 +37,13 @@ pub(super) struct LegacyFile {
 }
 
 /// Reads the pickle at `pos` of `file` (which ends at `end`), returning it and where it ends.
-pub(super) fn pickle_at(file: &File, pos: u64, end: u64, path: &Path, what: &str) -> Result<(Pickle, u64)> {
+pub(super) fn pickle_at(
+    file: &File,
+    pos: u64,
+    end: u64,
+    path: &Path,
+    what: &str,
+) -> Result<(Pickle, u64)> {
     let bad = |e: pickle::PickleError| Error::format(path, format!("{what}: {e}"));
     let s = pickle::scan(file, pos, end, MAX_PICKLE as usize).map_err(bad)?;
     let p = Pickle::parse_scanned(&s, &pickle::LIMITS).map_err(bad)?;
@@ -115,7 +121,10 @@ pub(super) fn read(file: &File, start: u64, end: u64, path: &Path) -> Result<Leg
         if let Value::PersId(pid) = v {
             if let Some((key, g)) = storage_id(&object, *pid) {
                 let size = element_size(g).ok_or_else(|| {
-                    fmt(format!("unknown storage type {} in a legacy file", g.dotted()))
+                    fmt(format!(
+                        "unknown storage type {} in a legacy file",
+                        g.dotted()
+                    ))
                 })?;
                 sizes.insert(key, size);
             }
@@ -123,9 +132,9 @@ pub(super) fn read(file: &File, start: u64, end: u64, path: &Path) -> Result<Leg
     }
     let mut storages = HashMap::with_capacity(keys.len());
     for key in keys {
-        let size = *sizes.get(&key).ok_or_else(|| {
-            fmt(format!("storage `{key}` is listed but no tensor names it"))
-        })?;
+        let size = *sizes
+            .get(&key)
+            .ok_or_else(|| fmt(format!("storage `{key}` is listed but no tensor names it")))?;
         let mut count = [0u8; 8];
         let n = read_up_to(file, pos, &mut count).map_err(|e| Error::io(path, e))?;
         if n < 8 || pos + 8 > end {

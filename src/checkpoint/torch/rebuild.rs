@@ -154,7 +154,9 @@ impl<'p, F: Storages> Walker<'p, F> {
                 let items = self
                     .p
                     .seq(*pid)
-                    .filter(|t| (t.len() == 5 || t.len() == 6) && self.p.str(t[0]) == Some("storage"))
+                    .filter(|t| {
+                        (t.len() == 5 || t.len() == 6) && self.p.str(t[0]) == Some("storage")
+                    })
                     .ok_or_else(|| {
                         terr(
                             self,
