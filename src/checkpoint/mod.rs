@@ -205,6 +205,8 @@ pub struct Checkpoint {
     /// Opened with [`Open::HeaderOnly`] and some tensor needs more than the header to read.
     header_only: bool,
     index: NameIndex,
+    /// Opened from a directory (a model directory, or one holding a sharded index).
+    dir: bool,
 }
 
 /// What a format's reader found, for [`Checkpoint::new`].
@@ -224,12 +226,22 @@ pub(crate) struct Found {
 
 impl Checkpoint {
     /// Opens a checkpoint of any supported format and validates its header: a safetensors
-    /// file, a PyTorch zip checkpoint, or a sharded checkpoint (a directory holding an index,
-    /// or the index file itself).
+    /// file, a PyTorch zip checkpoint, a sharded checkpoint (a directory holding an index, or
+    /// the index file itself), or a model directory holding one weights file.
     pub fn open(path: &Path, how: Open) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            if let Some(w) = single_weights(path)? {
+                let found = open_file(&w, how)?;
+                let mut c = Checkpoint::new(path, found.format, found)?;
+                c.dir = true;
+                return Ok(c);
+            }
+        }
         if meta.is_dir() || crate::codec::names::is_index_name(path) {
-            return sharded::open(path, how);
+            let mut c = sharded::open(path, how)?;
+            c.dir = meta.is_dir();
+            return Ok(c);
         }
         let found = open_file(path, how)?;
         Checkpoint::new(path, found.format, found)
@@ -258,7 +270,14 @@ impl Checkpoint {
             torch: found.torch,
             header_only: found.header_only,
             index,
+            dir: false,
         })
+    }
+
+    /// The directory the checkpoint was opened from (a model directory, or one holding a
+    /// sharded index), whose other files go beside an output written to a directory.
+    pub fn source_dir(&self) -> Option<&Path> {
+        self.dir.then_some(self.path.as_path())
     }
 
     /// The path as the user gave it.
@@ -415,6 +434,51 @@ pub(crate) fn open_file(path: &Path, how: Open) -> Result<Found> {
         Some(PickleKind::Plain) => torch::open_pickle(path, how),
         None => safetensors::open(path),
     }
+}
+
+/// The weights file names of model directories, as `save_pretrained` writes them.
+pub const WEIGHTS_NAMES: [&str; 4] = [
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.bin",
+];
+
+/// The one weights file of model directory `dir`, when it has no sharded index: a file of
+/// [`WEIGHTS_NAMES`], or its only `.safetensors` file.
+fn single_weights(dir: &Path) -> Result<Option<PathBuf>> {
+    if sharded::find_index(dir).is_ok() {
+        return Ok(None);
+    }
+    Ok(weights_of_dir(dir)?.map(|n| dir.join(n)))
+}
+
+/// The name of the weights of directory `dir`: its sharded index's weights name
+/// (`model.safetensors` for `model.safetensors.index.json`), a file of [`WEIGHTS_NAMES`], or
+/// its only `.safetensors` file; `None` if it has none of these.
+pub fn weights_of_dir(dir: &Path) -> Result<Option<String>> {
+    if let Ok(index) = sharded::find_index(dir) {
+        let name = index
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Ok(Some(
+            name.strip_suffix(".index.json").unwrap_or(&name).to_string(),
+        ));
+    }
+    for n in WEIGHTS_NAMES {
+        if dir.join(n).is_file() {
+            return Ok(Some(n.to_string()));
+        }
+    }
+    let mut st: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors") && dir.join(n).is_file())
+        .collect();
+    st.sort();
+    Ok(if st.len() == 1 { st.pop() } else { None })
 }
 
 /// The pickle-based formats a file's first 512 bytes tell.

@@ -11,7 +11,9 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::{FoldArgs, OutputArgs};
 use crate::error::Result;
 use crate::fold::{self, Device};
-use crate::output::{check_output_kind, check_target, commit_all};
+use crate::error::Error;
+use crate::output::atomic::Finished;
+use crate::output::{check_output_kind, check_target, commit_all, hf};
 use crate::plan::choose::{choose, keep, Chosen};
 use crate::plan::fold::{arrange, build, open_inputs, Options};
 use crate::plan::{Output, Plan};
@@ -19,10 +21,21 @@ use crate::runtime::Runtime;
 use crate::schedule::options::Swept;
 use crate::text::human_bytes;
 
+/// Where a fold's outputs go.
+pub struct Targets {
+    /// One file (or sharded output) per output.
+    pub files: Vec<PathBuf>,
+    /// For each output written into a directory (`-o DIR/`), that directory.
+    pub dirs: Vec<Option<PathBuf>>,
+    /// The directories created for the outputs (removed again, when empty, after a failure).
+    pub created: Vec<PathBuf>,
+}
+
 /// The targets of `outputs` (`(name, text)` of their options' values) from `-o`, or by default
 /// `<stem>.safetensors` (`<stem>-{a}-{b}.safetensors` for a sweep over `a` and `b`), checked
 /// before any work unless `dry_run`: none is an input, none exists unless `--force`, each can
-/// be written.
+/// be written. `-o DIR/` (or an existing directory) writes into DIR under the inputs' weights
+/// file name (`docs/formats.md#hf`); DIR is created when missing.
 pub fn targets(
     out: &OutputArgs,
     stem: &str,
@@ -30,7 +43,7 @@ pub fn targets(
     inputs: &[PathBuf],
     dry_run: bool,
     rt: &Runtime,
-) -> Result<Vec<PathBuf>> {
+) -> Result<Targets> {
     let template = out.output.clone().unwrap_or_else(|| {
         let names: String = varying(values)
             .iter()
@@ -38,15 +51,77 @@ pub fn targets(
             .collect();
         PathBuf::from(format!("{stem}{names}.safetensors"))
     });
-    let targets = sweep_targets(&template, values)?;
-    if !dry_run {
-        let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
-        for t in &targets {
-            check_target(t, &inputs, out.force, rt)?;
-            check_output_kind(t, out.max_shard_size)?;
+    let mut t = Targets {
+        files: Vec::new(),
+        dirs: Vec::new(),
+        created: Vec::new(),
+    };
+    for target in sweep_targets(&template, values)? {
+        if hf::is_dir_target(&target) {
+            let name = hf::weights_name(inputs, &format!("{stem}.safetensors"));
+            t.files.push(target.join(name));
+            t.dirs.push(Some(target));
+        } else {
+            t.files.push(target);
+            t.dirs.push(None);
         }
     }
-    Ok(targets)
+    if !dry_run {
+        for d in t.dirs.iter().flatten() {
+            if !d.exists() {
+                std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+                t.created.push(d.clone());
+            }
+        }
+        let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+        let checked = t.files.iter().try_for_each(|f| {
+            check_target(f, &inputs, out.force, rt)?;
+            check_output_kind(f, out.max_shard_size)
+        });
+        if let Err(e) = checked {
+            t.remove_created();
+            return Err(e);
+        }
+    }
+    Ok(t)
+}
+
+impl Targets {
+    /// Removes the directories made for the outputs, where they are still empty.
+    pub fn remove_created(&self) {
+        for d in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+
+    /// The files of the last input's directory that go beside each output written into a
+    /// directory, as `(source, target)`; each target is checked as an output is.
+    pub fn companions(
+        &self,
+        last: &Checkpoint,
+        inputs: &[PathBuf],
+        force: bool,
+        rt: &Runtime,
+    ) -> Result<Vec<(PathBuf, PathBuf)>> {
+        let Some(src) = last.source_dir() else {
+            return Ok(Vec::new());
+        };
+        if self.dirs.iter().all(Option::is_none) {
+            return Ok(Vec::new());
+        }
+        let own: Vec<&Path> = last.files().iter().map(|f| f.path()).collect();
+        let files = hf::companions(src, &own)?;
+        let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+        let mut out = Vec::new();
+        for d in self.dirs.iter().flatten() {
+            for f in &files {
+                let target = d.join(f.file_name().expect("a file"));
+                check_target(&target, &inputs, force, rt)?;
+                out.push((f.clone(), target));
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Runs a fold command: `command` is `ema` or `swa`, `swept` its outputs.
@@ -55,6 +130,23 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
     set_threads(args.threads)?;
     let values: Vec<Vec<(String, String)>> = swept.iter().map(|s| s.values.clone()).collect();
     let targets = targets(&args.out, command, &values, &args.inputs, args.dry_run, rt)?;
+    let result = run_to(args, swept, command, &targets, started, rt);
+    if result.is_err() {
+        targets.remove_created();
+    }
+    result
+}
+
+/// [`run`] once the targets are checked.
+fn run_to(
+    args: &FoldArgs,
+    swept: &[Swept],
+    command: &str,
+    targets: &Targets,
+    started: Instant,
+    rt: &Runtime,
+) -> Result<()> {
+    let values: Vec<Vec<(String, String)>> = swept.iter().map(|s| s.values.clone()).collect();
     if !args.dry_run {
         if let Device::Cuda(n) = args.device {
             fold::cuda::check_device(n)?;
@@ -73,12 +165,16 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
     };
     let n = ordered.inputs.len();
     let varying = varying(&values);
+    let companions = match (args.dry_run, ordered.inputs.last()) {
+        (false, Some(last)) => targets.companions(last, &args.inputs, args.out.force, rt)?,
+        _ => Vec::new(),
+    };
     let outputs = swept
         .iter()
-        .zip(targets)
+        .zip(&targets.files)
         .map(|(s, target)| {
             Ok(Output {
-                target,
+                target: target.clone(),
                 params: s
                     .values
                     .iter()
@@ -125,6 +221,7 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
         metadata: &[],
         chosen: &chosen,
         plain: args.deploy.deploy,
+        companions: &companions,
     };
     if plan.outputs.len() == 1 {
         one(
@@ -192,6 +289,17 @@ pub struct Run<'a> {
     pub chosen: &'a Chosen,
     /// The outputs are deployed state dicts (`--deploy`): no metadata of the inputs is kept.
     pub plain: bool,
+    /// Files copied beside outputs written into directories, `(source, target)`, committed
+    /// with the outputs.
+    pub companions: &'a [(PathBuf, PathBuf)],
+}
+
+/// Copies the companions of `how` to their temporaries, ready to be committed.
+fn copy_companions(how: &Run, rt: &Runtime) -> Result<Vec<Finished>> {
+    how.companions
+        .iter()
+        .map(|(src, target)| hf::copy(src, target, how.out.force, rt))
+        .collect()
 }
 
 /// `"dropped"` (when an input was) and the inputs' `"metric"` (when `--best` ranked them) of a
@@ -261,7 +369,9 @@ pub fn one(plan: &Plan, mut record: Value, params: &Value, how: &Run, rt: &Runti
         mapped_inputs: how.mapped_inputs,
     };
     fold::execute(plan, &[&writer], how.device, opts, &progress, rt)?;
-    let bytes = writer.commit(rt)?;
+    let (mut files, bytes) = writer.finish(rt)?;
+    files.extend(copy_companions(how, rt)?);
+    commit_all(rt, files)?;
     let secs = how.started.elapsed().as_secs_f64();
     if how.out.json {
         record["output"] = json!(written);
@@ -347,6 +457,7 @@ pub fn many(
         files.extend(f);
         bytes.push(n);
     }
+    files.extend(copy_companions(how, rt)?);
     commit_all(rt, files)?;
     let secs = how.started.elapsed().as_secs_f64();
     if how.out.json {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::fold::{add_choice, many, one, print_dropped, targets, Run};
+use super::fold::{add_choice, many, one, print_dropped, targets, Run, Targets};
 use super::{set_threads, varying};
 use crate::checkpoint::Checkpoint;
 use crate::cli::PosthocArgs;
@@ -16,6 +16,7 @@ use crate::plan::choose::{choose, keep};
 use crate::plan::fold::{build, open_inputs, Options, Ordered};
 use crate::plan::{Order, Output};
 use crate::runtime::Runtime;
+use crate::schedule::options::Typed;
 use crate::schedule::posthoc::{Profile, System, Unsolvable, MAX_CONDITION};
 use crate::schedule::{gamma_to_sigma_rel, sigma_rel_to_gamma};
 
@@ -168,6 +169,25 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
         .collect();
     let (files, named) = find_snapshots(args)?;
     let targets = targets(&args.out, "posthoc", &values, &files, args.dry_run, rt)?;
+    let result = run_to(args, rt, started, &swept, &values, files, named, &targets);
+    if result.is_err() {
+        targets.remove_created();
+    }
+    result
+}
+
+/// [`run`] once the targets are checked.
+#[allow(clippy::too_many_arguments)]
+fn run_to(
+    args: &PosthocArgs,
+    rt: &Runtime,
+    started: Instant,
+    swept: &[(&Typed, f64)],
+    values: &[Vec<(String, String)>],
+    files: Vec<PathBuf>,
+    named: Vec<Option<(usize, u64)>>,
+    targets: &Targets,
+) -> Result<()> {
     if !args.dry_run {
         if let Device::Cuda(n) = args.device {
             fold::cuda::check_device(n)?;
@@ -222,13 +242,13 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
     let profiles: Vec<Profile> = snaps.iter().map(|(s, _)| s.profile).collect();
     let system = System::new(&profiles).map_err(|e| unsolvable(e, &snaps))?;
     let normalize = !args.no_normalize;
-    let varying = varying(&values);
+    let varying = varying(values);
     let outputs: Vec<Output> = swept
         .iter()
-        .zip(targets)
-        .zip(&values)
+        .zip(&targets.files)
+        .zip(values)
         .map(|(((_, gamma), target), v)| Output {
-            target,
+            target: target.clone(),
             params: v
                 .iter()
                 .filter(|(n, _)| varying.contains(n))
@@ -252,6 +272,10 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
             from_folder: s.from_folder,
         })
         .collect();
+    let companions = match (args.dry_run, snaps.last()) {
+        (false, Some((_, last))) => targets.companions(last, &files, args.out.force, rt)?,
+        _ => Vec::new(),
+    };
     let ordered = Ordered {
         inputs: snaps.into_iter().map(|(_, c)| c).collect(),
         order: Order::Step,
@@ -329,6 +353,7 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
         metadata: &meta,
         chosen: &chosen,
         plain: args.deploy.deploy,
+        companions: &companions,
     };
     if plan.outputs.len() == 1 {
         let record = records.into_iter().next().expect("one output");

@@ -12,6 +12,7 @@
 //! [`commit_all`] renames every file of every output together.
 
 pub mod atomic;
+pub mod hf;
 pub mod patch;
 pub mod pth;
 pub mod safetensors;
