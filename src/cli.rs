@@ -265,8 +265,8 @@ pub struct SwaArgs {
 #[derive(Debug, Args, Clone)]
 pub struct PosthocArgs {
     /// Snapshots of power-function EMAs: ema-pytorch `PostHocEMA` checkpoint folders (files
-    /// `{ind}.{step}.pt`), or checkpoints whose metadata holds `step` and `sigma_rel` (or
-    /// `gamma`).
+    /// `{ind}.{step}.pt`), EDM2's `<name>-<kimg>-<sigma_rel>.pkl` snapshots (or folders of
+    /// them), or checkpoints whose metadata holds `step` and `sigma_rel` (or `gamma`).
     #[arg(required = true, value_name = "SNAPSHOT")]
     pub inputs: Vec<PathBuf>,
 

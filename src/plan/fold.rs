@@ -62,7 +62,7 @@ const NOT_DEPLOYED: [&str; 6] = [
 ];
 
 /// What `c` deploys: `(deployed name, tensor index)`. With EMA pairs (or a layout with a side
-/// absent), one side under the model's names; else the `state_dict`, `model` or `module`
+/// absent), one side under the model's names; else the `state_dict`, `model`, `module` or `ema`
 /// subtree if there is one, else every tensor but optimizer and scheduler state; prefixes
 /// stripped.
 pub fn deployed_tensors(c: &Checkpoint, d: &Deploy) -> Result<Vec<(String, usize)>> {
@@ -76,7 +76,7 @@ pub fn deployed_tensors(c: &Checkpoint, d: &Deploy) -> Result<Vec<(String, usize
         return super::swap::deployed(c, &p, take, d.strip);
     }
     let names = || c.tensors().iter().map(|t| t.name.as_str());
-    let subtree = ["state_dict.", "model.", "module."]
+    let subtree = ["state_dict.", "model.", "module.", "ema."]
         .into_iter()
         .find(|p| names().any(|n| n.starts_with(p)));
     let mut seen: HashMap<String, usize> = HashMap::new();
