@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
-# The GPU check of ema-tool's CUDA path: the outputs of `--device cuda` against `--device cpu`
-# on every fixture case and on generated series (the tolerance of docs/accuracy.md; it also counts how many
-# elements are bit-identical, which should be all of them), then the benchmark series on both
-# devices, in GB/s of input and as a ratio to the CPU path. No network; a few minutes at most.
+# The GPU check of ema-tool's CUDA path, one prepared command for one 10-minute device call:
+# the strict CUDA tests on the device, then `--device cuda` against `--device cpu` on every
+# fixture case and on generated series, bit for bit, one line per case, then the benchmark
+# series on both devices: GB/s of input, against the PCIe link's nominal host-to-device
+# bandwidth and against the CPU path on the same machine.
 #
 #   bench/gpu-check.sh --prepare   # here, with the crates: release binaries -> bench/out/bin
-#   bench/gpu-check.sh             # on the GPU machine
+#   bench/gpu-check.sh             # on the GPU machine (the device tool's $OUT gets the log)
+#   DEVICE=cpu bench/gpu-check.sh  # rehearsal without a GPU (cpu against cpu)
+#   STAND_IN=1 bench/gpu-check.sh  # rehearsal on the stand-in driver (tests/stand-in/libcuda.c)
 #
-# Binaries, first found: $EMA_TOOL and $GPU_CHECK; bench/out/bin/{ema-tool,gpu-check} (made by
-# --prepare and carried to the GPU machine: bench/out is git-ignored); else built on the spot
-# with `cargo build --offline --release --features cuda`, from vendor/ when it exists (run
-# `cargo vendor vendor` beforehand; vendor/ is git-ignored), else from the local cargo registry.
+# Binaries, first found: $EMA_TOOL and $GPU_CHECK; bench/out/bin/{ema-tool,gpu-check,cuda-tests}
+# (made by --prepare and carried to the GPU machine: bench/out is git-ignored); else built on
+# the spot with `cargo build --offline --release --features cuda`, from vendor/ when it exists.
 #
-# Environment: DEVICE (cuda; DEVICE=cpu rehearses the whole script on a machine without a GPU),
-# WORK (bench/out/gpu-check; needs about 2.5 x SERIES_GB of disk), SERIES_GB (8: size of the
-# f32 benchmark series; the bf16 one is half of it), RUNS (3 timed runs per device; medians),
-# FIXTURES (fixtures: the cases.json of the fixtures to compare on).
+# Environment: DEVICE (cuda), WORK (bench/out/gpu-check; about 2.5 x SERIES_GB of disk),
+# SERIES_GB (2: the f32 benchmark series; the bf16 one is half of it), RUNS (1 timed run per
+# device), FIXTURES (fixtures), OUT (where the log is written, gpu-check.log; the device tool
+# sets it), EMA_NAN_NESS (1: NaN against NaN compared by NaN-ness only, see gpu-check.rs).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-$root/bench/out/gpu-check}
-SERIES_GB=${SERIES_GB:-8}
-RUNS=${RUNS:-3}
+SERIES_GB=${SERIES_GB:-2}
+RUNS=${RUNS:-1}
 FIXTURES=${FIXTURES:-$root/fixtures}
 bin_dir=$root/bench/out/bin
 
@@ -33,10 +35,16 @@ build() {
         cfg=(--config 'source.crates-io.replace-with="vendored"'
              --config 'source.vendored.directory="vendor"')
     fi
+    local target=${CARGO_TARGET_DIR:-target} tests
     cargo build "${cfg[@]}" --offline --release --features cuda \
         --bin ema-tool --example gpu-check >&2
+    # The CUDA tests, to run on the device against the carried ema-tool (EMA_TOOL_BIN).
+    tests=$(cargo test "${cfg[@]}" --offline --release --features cuda --test cuda --no-run \
+        --message-format=json 2>/dev/null |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
     mkdir -p "$bin_dir"
-    cp target/release/ema-tool target/release/examples/gpu-check "$bin_dir/"
+    cp "$target/release/ema-tool" "$target/release/examples/gpu-check" "$bin_dir/"
+    cp "$tests" "$bin_dir/cuda-tests"
 }
 
 if [[ ${1:-} == --prepare ]]; then
@@ -45,6 +53,10 @@ if [[ ${1:-} == --prepare ]]; then
     exit 0
 fi
 
+if [[ -n ${OUT:-} ]]; then
+    mkdir -p "$OUT"
+    exec > >(tee "$OUT/gpu-check.log") 2>&1
+fi
 say() { printf '\n== %s\n' "$*"; }
 if [[ -n ${EMA_TOOL:-} && -n ${GPU_CHECK:-} ]]; then
     :
@@ -68,23 +80,20 @@ if command -v nvidia-smi >/dev/null; then
         --format=csv,noheader || true
 fi
 
-# NVRTC is loaded at run time under the names libnvrtc.so, libnvrtc.so.12, ...; a toolkit or a
-# wheel that only ships another version gets a libnvrtc.so link, and its own directory stays on
-# the path for libnvrtc-builtins.
-if [[ $DEVICE != cpu ]] && ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so\(\.12\)\? '; then
-    found=$( (ls -d /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib /usr/lib/x86_64-linux-gnu \
-              /usr/local/lib/python3*/dist-packages/nvidia/cu*/lib \
-              /usr/local/lib/python3*/dist-packages/nvidia/cuda_nvrtc/lib \
-              /usr/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib 2>/dev/null;
-             python3 -c 'import nvidia, os; print("\n".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in os.listdir(p)))' 2>/dev/null) |
-            while read -r d; do ls "$d"/libnvrtc.so* 2>/dev/null; done | grep -v builtins | sort -V | tail -1 || true)
-    if [[ -n $found ]]; then
-        mkdir -p "$WORK/lib"
-        ln -sf "$found" "$WORK/lib/libnvrtc.so"
-        export LD_LIBRARY_PATH=$WORK/lib:$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-        echo "NVRTC: $found"
+# Only the driver is needed (the kernels are embedded PTX). ldconfig's list is read whole:
+# `ldconfig -p | grep -q` fails under pipefail when grep stops reading early (status 141).
+if [[ ${STAND_IN:-} == 1 ]]; then
+    mkdir -p "$WORK/lib"
+    cc -shared -fPIC -O2 -ffp-contract=off -I src/fold/cuda -o "$WORK/lib/libcuda.so" \
+        tests/stand-in/libcuda.c -lpthread
+    export LD_LIBRARY_PATH=$WORK/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    echo "driver: the stand-in, $WORK/lib/libcuda.so (kernels on the CPU)"
+elif [[ $DEVICE != cpu ]]; then
+    libs=$(ldconfig -p 2>/dev/null || true)
+    if grep -q 'libcuda\.so' <<<"$libs"; then
+        echo "driver: $(grep -m1 'libcuda\.so' <<<"$libs" | sed 's/.*=> //')"
     else
-        echo "NVRTC: not found on the loader's path nor in the usual places"
+        echo "driver: no libcuda.so in ldconfig's cache (LD_LIBRARY_PATH may still have one)"
     fi
 fi
 
@@ -106,7 +115,15 @@ if ! "$EMA_TOOL" ema "$WORK"/probe/*.safetensors -o "$WORK/probe.safetensors" --
     exit 1
 fi
 
-say "agreement: fixture cases (--device cpu vs --device $DEVICE)"
+if [[ $DEVICE != cpu && ${STAND_IN:-} != 1 && -x ${CUDA_TESTS:-$bin_dir/cuda-tests} ]]; then
+    say "the CUDA tests on the device (strict: success and the CPU's bytes required)"
+    if ! EMA_TOOL_BIN=$EMA_TOOL EMA_TOOL_TEST_STRICT=1 "${CUDA_TESTS:-$bin_dir/cuda-tests}" \
+        --test-threads 4 2>&1 | grep -E '^test |test result|panicked|differ|left|right'; then
+        failures=$((failures + 1))
+    fi
+fi
+
+say "agreement: fixture cases (--device cpu vs --device $DEVICE, bit for bit)"
 if [[ -f $FIXTURES/cases.json ]]; then
     "$GPU_CHECK" cases "$FIXTURES" "$EMA_TOOL" "$WORK/cases" "$DEVICE" || failures=$((failures + 1))
 else
@@ -130,7 +147,7 @@ agree() { # NAME SERIES_DIR ARGS...: one command on both devices
 }
 # Large tensors split over batches (24 Mi elements > 16 Mi per batch), many small ones packed
 # together, every input dtype, every output dtype.
-"$GPU_CHECK" gen "$WORK/s-f32" --count 5 --tensors 3 --elems 25165824 --small 3000 --dtype f32
+"$GPU_CHECK" gen "$WORK/s-f32" --count 5 --tensors 2 --elems 17000000 --small 17000 --dtype f32
 "$GPU_CHECK" gen "$WORK/s-bf16" --count 6 --tensors 20 --elems 1000003 --small 5000 --dtype bf16
 "$GPU_CHECK" gen "$WORK/s-f16" --count 4 --tensors 10 --elems 777777 --small 100 --dtype f16
 "$GPU_CHECK" gen "$WORK/s-f64" --count 3 --tensors 4 --elems 500000 --small 10 --dtype f64
@@ -174,17 +191,29 @@ bench() { # NAME SERIES_DIR ARGS...
     cpu_s=$(printf '%s\n' "${cpu_t[@]}" | median)
     gpu_s=$(printf '%s\n' "${gpu_t[@]}" | median)
     awk -v n="$name" -v b="$bytes" -v c="$cat_s" -v p="$cpu_s" -v g="$gpu_s" -v d="$DEVICE" \
-        -v s0="$startup_s" 'BEGIN {
+        -v s0="$startup_s" -v l="$link_gbs" 'BEGIN {
         printf "%-20s %6.2f GB input | cat %6.2f GB/s | cpu %6.2f s %6.2f GB/s | %s %6.2f s %6.2f GB/s (%6.2f GB/s after start-up) | %s/cpu speed %5.2fx | %s/cat time %5.2fx\n",
-            n, b / 1e9, b / 1e9 / c, p, b / 1e9 / p, d, g, b / 1e9 / g, b / 1e9 / (g - s0 > 0 ? g - s0 : g), d, p / g, d, g / c }'
+            n, b / 1e9, b / 1e9 / c, p, b / 1e9 / p, d, g, b / 1e9 / g, b / 1e9 / (g - s0 > 0 ? g - s0 : g), d, p / g, d, g / c
+        if (l > 0) printf "%-20s %s at %5.1f%% of the link'"'"'s nominal %.1f GB/s (after start-up)\n", "", d, 100 * b / 1e9 / (g - s0 > 0 ? g - s0 : g) / l, l }'
 }
+# The PCIe link's nominal host-to-device bandwidth (GB/s per lane x lanes, encoding
+# included); idle GPUs drop to a lower generation, so the maxima of the GPU's link are used.
+link_gbs=0
+if [[ $DEVICE != cpu && ${STAND_IN:-} != 1 ]] && command -v nvidia-smi >/dev/null; then
+    link=$(nvidia-smi --query-gpu=pcie.link.gen.max,pcie.link.width.max \
+        --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -d ' ') || true
+    link_gbs=$(awk -F, -v l="$link" 'BEGIN { split(l, a, ","); g = a[1] + 0; w = a[2] + 0;
+        lane = g == 3 ? 0.985 : g == 4 ? 1.969 : g == 5 ? 3.938 : g >= 6 ? 7.877 : 0;
+        print lane * w }')
+    echo "PCIe link: gen ${link%,*} x${link#*,}: $link_gbs GB/s nominal host to device"
+fi
 startup_s=$(for _ in 1 2 3; do
     t=$(now)
     "$EMA_TOOL" ema "$WORK"/probe/*.safetensors -o "$WORK/probe.safetensors" --force --quiet \
         --device "$DEVICE"
     since "$t"
 done | median)
-echo "start-up of --device $DEVICE (a fold of 2 x 8 KB: driver, context, NVRTC): $startup_s s"
+echo "start-up of --device $DEVICE (a fold of 2 x 8 KB: driver, context, PTX JIT): $startup_s s"
 echo "GB/s: GB of input per second of the whole command; x: $DEVICE speed over cpu's, and"
 echo "$DEVICE time over the time cat takes to read the inputs (1.00: bound by reading them)"
 per=$((SERIES_GB * 1024 / 8 / 4)) # 4 MiB f32 tensors per checkpoint

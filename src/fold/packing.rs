@@ -16,7 +16,8 @@ use super::{cpu, Job, Kind, Piece, Progress, Sink, Work};
 use crate::codec::DType;
 use crate::error::{Error, Result};
 
-/// The CUDA C source of the kernels.
+/// The CUDA C source of the kernels (the tests emulate it; the device runs its PTX).
+#[cfg(test)]
 pub const KERNELS: &str = include_str!("cuda/kernels.cu");
 /// Threads per block (`BLOCK` in the kernels).
 pub const BLOCK: u32 = 256;
@@ -83,6 +84,30 @@ impl Limits {
             elems: elems - elems % ELEMS_PER_BLOCK,
             ..d
         }
+    }
+}
+
+impl Limits {
+    /// The smallest limits that [`Limits::halved`] goes down to: 1 MiB pieces, 64 Ki elements,
+    /// 256 segments, a few MiB of device memory for one output. Smaller batches would leave
+    /// the device waiting on launches and copies of a few KiB.
+    pub const FLOOR: Limits = Limits {
+        data_bytes: 1 << 20,
+        elems: 64 << 10,
+        segments: 256,
+    };
+
+    /// Every limit halved (elements in whole blocks) down to [`Limits::FLOOR`], or `None` when
+    /// all of them are there.
+    pub fn halved(self) -> Option<Limits> {
+        let f = Limits::FLOOR;
+        let elems = (self.elems / 2).max(f.elems);
+        let half = Limits {
+            data_bytes: (self.data_bytes / 2).max(f.data_bytes),
+            elems: elems - elems % ELEMS_PER_BLOCK,
+            segments: (self.segments / 2).max(f.segments),
+        };
+        (half != self).then_some(half)
     }
 }
 

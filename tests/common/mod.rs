@@ -22,7 +22,11 @@ pub fn fixtures() -> PathBuf {
 
 /// The binary under test.
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ema-tool"))
+    // A prepared test binary carried to another machine (bench/gpu-check.sh) names its
+    // ema-tool there.
+    std::env::var_os("EMA_TOOL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ema-tool")))
 }
 
 /// Runs `ema-tool` with `args`; stdin is closed.
@@ -357,12 +361,43 @@ pub fn missing_prerequisite(what: &str) {
     eprintln!("note: skipped, this machine lacks {what} (EMA_TOOL_TEST_STRICT=1 fails instead)");
 }
 
-/// Whether this machine has an NVIDIA GPU that its driver reports (`nvidia-smi -L`).
+/// Whether this machine has an NVIDIA GPU: `nvidia-smi -L` lists one, or the driver library
+/// (`libcuda.so.1` on the loader's path) counts at least one device.
 pub fn gpu_present() -> bool {
-    Command::new("nvidia-smi")
+    let smi = Command::new("nvidia-smi")
         .arg("-L")
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("GPU"))
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("GPU"));
+    smi || driver_device_count() > 0
+}
+
+/// The devices that the driver library counts (`cuInit`, `cuDeviceGetCount`); 0 without one.
+/// A stand-in driver put on `LD_LIBRARY_PATH` for a child process is not seen here: this
+/// process's loader path is the test runner's.
+fn driver_device_count() -> i32 {
+    type Init = unsafe extern "C" fn(u32) -> i32;
+    type Count = unsafe extern "C" fn(*mut i32) -> i32;
+    // SAFETY: dlopen and dlsym with NUL-terminated names; the symbols, when found, are the
+    // driver API's `CUresult cuInit(unsigned)` and `CUresult cuDeviceGetCount(int*)`, called
+    // with a valid pointer. The library stays loaded (no dlclose).
+    unsafe {
+        let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        if lib.is_null() {
+            return 0;
+        }
+        let init = libc::dlsym(lib, c"cuInit".as_ptr());
+        let count = libc::dlsym(lib, c"cuDeviceGetCount".as_ptr());
+        if init.is_null() || count.is_null() {
+            return 0;
+        }
+        let init: Init = std::mem::transmute(init);
+        let count: Count = std::mem::transmute(count);
+        let mut n = 0;
+        if init(0) != 0 || count(&mut n) != 0 {
+            return 0;
+        }
+        n
+    }
 }
 
 /// A tmpfs of `size` (`4m`) mounted on a new directory, unmounted when dropped; `None`, through

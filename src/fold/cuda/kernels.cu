@@ -1,4 +1,5 @@
-// The fold kernels of the CUDA executor, compiled at run time by NVRTC (fold/cuda.rs).
+// The fold kernels of the CUDA executor. gen_ptx.py compiles them with NVRTC into kernels.ptx,
+// which ema-tool embeds and the CUDA driver compiles for the device (fold/cuda/device.rs).
 //
 // One launch of ema_accumulate per (batch, input): acc_o[e] (=|+=) w_o * x[e] for every output
 // o of the fold (a sweep has several), decoding x from the raw little-endian bytes of the input
@@ -103,7 +104,9 @@ EMA_DEVICE double load(const u8* src, u64 e, u32 dt) {
     case DT_BF16: return (double)u32_as_f32((u32)((const u16*)src)[e] << 16);
     case DT_F64: return u64_as_f64(((const u64*)src)[e]);
     case DT_F8E4M3: return f8e4m3_to_f64(src[e]);
-    case DT_F8E5M2: return f16_to_f64((u32)src[e] << 8); // e5m2 is the top byte of an f16
+    case DT_F8E5M2: // the top byte of an f16; its NaNs are the CPU table's, positive and quiet
+        if ((src[e] & 0x7fu) > 0x7cu) return u64_as_f64(0x7ff8000000000000ull);
+        return f16_to_f64((u32)src[e] << 8);
     default: return 0.0;
     }
 }

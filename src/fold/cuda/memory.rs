@@ -10,6 +10,8 @@ use cudarc::driver::{
 use super::device::Gpu;
 use super::{describe, Describe, SLOTS};
 use crate::error::{Error, Result};
+use crate::fold::packing::{Batch, OUT_HEADER};
+use crate::fold::Job;
 
 /// Buffer sizes in bytes (`acc`: in f64 elements).
 pub(super) struct Sizes {
@@ -65,10 +67,33 @@ pub(super) struct Memory {
     pub out: Vec<CudaSlice<u8>>,
 }
 
+impl Sizes {
+    /// The sizes for `batches` of `jobs` (of `outputs` outputs): their largest piece, output
+    /// and accumulators.
+    pub fn of(batches: &[Batch], jobs: &[Job], outputs: usize) -> Sizes {
+        let max = |f: &dyn Fn(&Batch) -> u64| batches.iter().map(f).max().unwrap_or(0) as usize;
+        Sizes {
+            stage: max(&|b| {
+                (0..b.pieces)
+                    .map(|k| b.piece_bytes(jobs, k))
+                    .max()
+                    .unwrap_or(0)
+            }),
+            out: OUT_HEADER + outputs * max(&|b| b.out_bytes),
+            acc: outputs * max(&|b| b.elems),
+        }
+    }
+
+    /// Bytes of device memory that [`Memory::alloc`] allocates.
+    pub fn device_bytes(&self) -> usize {
+        SLOTS * self.stage + 2 * self.out + 8 * self.acc
+    }
+}
+
 impl Memory {
     pub fn alloc(gpu: &Gpu, stream: &Arc<CudaStream>, sizes: &Sizes) -> Result<Memory> {
         const MIB: usize = 1 << 20;
-        let device_bytes = SLOTS * sizes.stage + 2 * sizes.out + 8 * sizes.acc;
+        let device_bytes = sizes.device_bytes();
         let (free, _) = gpu
             .ctx
             .mem_get_info()

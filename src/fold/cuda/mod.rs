@@ -1,11 +1,12 @@
-//! The CUDA executor: fold jobs stream through pinned staging buffers into fused kernels that
-//! NVRTC compiles at run time; copy jobs run on the CPU path.
+//! The CUDA executor: fold jobs stream through pinned staging buffers into fused kernels, whose
+//! PTX is embedded in the binary and compiled by the driver; copy jobs run on the CPU path.
 //!
-//! - `device`: the driver, the device and the kernels (NVRTC);
+//! - `device`: the driver, the device and the kernels (`kernels.ptx`);
 //! - `memory`: the pinned and device buffers and the events that order their use;
 //! - `pipeline`: the threads and streams that move every batch through them.
 //!
-//! cudarc loads `libcuda` and `libnvrtc` only when first used (its `dynamic-loading` feature),
+//! cudarc loads `libcuda` only when first used (its `dynamic-loading` feature; its `nvrtc`
+//! feature is there for the `Ptx` type of `load_module`, and never loads `libnvrtc`),
 //! so this module builds without a CUDA toolkit, the binary starts on machines without CUDA,
 //! and every failure to find or use the device is an [`Error::Cuda`], never a panic.
 //!
@@ -44,7 +45,7 @@ use device::Gpu;
 /// Pieces in flight: pinned staging buffers, and as many device input buffers.
 pub(super) const SLOTS: usize = 4;
 
-/// Checks that device `device` can be used: driver, device, NVRTC. Takes milliseconds.
+/// Checks that device `device` can be used: driver, device. Takes milliseconds.
 pub fn check_device(device: usize) -> Result<()> {
     guarded(|| Gpu::open(device).map(drop))
 }
@@ -66,9 +67,15 @@ pub fn execute(device: usize, work: &Work) -> Result<()> {
 }
 
 /// Runs `f`, turning a panic into an error: cudarc panics where a library or one of its
-/// symbols is missing, and the contract is one line on stderr and exit status 1.
+/// symbols is missing, and the contract is one line on stderr and exit status 1. The error is
+/// the first panic's: a panic in one of the pipeline's scoped threads makes `thread::scope`
+/// panic again ("a scoped thread panicked"), which says nothing.
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    static LAST: Mutex<Option<String>> = Mutex::new(None);
+    static FIRST: Mutex<Option<String>> = Mutex::new(None);
+    fn first() -> std::sync::MutexGuard<'static, Option<String>> {
+        FIRST.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    *first() = None;
     let previous = panic::take_hook();
     panic::set_hook(Box::new(|info| {
         let payload = info.payload();
@@ -82,12 +89,12 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
             Some(l) => format!("internal error: {msg} (at {}:{})", l.file(), l.line()),
             None => format!("a CUDA library call failed: {msg}"),
         };
-        *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+        first().get_or_insert(text);
     }));
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     panic::set_hook(previous);
     result.unwrap_or_else(|_| {
-        let msg = LAST.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let msg = first().take();
         Err(Error::Cuda(msg.unwrap_or_else(|| "unknown panic".into())))
     })
 }
@@ -110,5 +117,28 @@ pub(super) trait Describe<T> {
 impl<T> Describe<T> for std::result::Result<T, DriverError> {
     fn or_cuda(self, what: &str) -> Result<T> {
         self.map_err(|e| describe(what, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_panic_of_a_scoped_thread_is_the_error() {
+        let err = guarded(|| -> Result<()> {
+            std::thread::scope(|s| {
+                s.spawn(|| panic!("the reading thread broke"));
+            });
+            Ok(())
+        })
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("the reading thread broke"), "{msg}");
+        assert!(msg.contains("src/fold/cuda/mod.rs"), "{msg}");
+        assert!(!msg.contains("a scoped thread panicked"), "{msg}");
+        // The next call starts afresh.
+        let err = guarded(|| -> Result<()> { panic!("another") }).unwrap_err();
+        assert!(err.to_string().contains("another"), "{err}");
     }
 }

@@ -18,7 +18,11 @@ use crate::fold::{Job, Progress, Work};
 /// once, and enters the accumulators of all the outputs.
 pub(super) fn fold(gpu: &Gpu, work: &Work, jobs: &[Job]) -> Result<()> {
     let outputs = work.outputs();
-    let batches = packing::plan(jobs, outputs, Limits::for_outputs(outputs));
+    let (free, _) = gpu
+        .ctx
+        .mem_get_info()
+        .or_cuda("cannot query device memory")?;
+    let (batches, sizes) = fit(jobs, outputs, free, gpu.device)?;
     if batches.is_empty() {
         return Ok(());
     }
@@ -27,16 +31,7 @@ pub(super) fn fold(gpu: &Gpu, work: &Work, jobs: &[Job]) -> Result<()> {
         .enumerate()
         .flat_map(|(b, batch)| (0..batch.pieces).map(move |k| (b, k)))
         .collect();
-    let sizes = Sizes {
-        stage: pieces
-            .iter()
-            .map(|&(b, k)| batches[b].piece_bytes(jobs, k))
-            .max()
-            .unwrap_or(0) as usize,
-        out: OUT_HEADER + outputs * batches.iter().map(|b| b.out_bytes).max().unwrap_or(0) as usize,
-        acc: outputs * batches.iter().map(|b| b.elems).max().unwrap_or(0) as usize,
-    };
-    let module = gpu.compile()?;
+    let module = gpu.load_kernels()?;
     let function = |name: &str| {
         module
             .load_function(name)
@@ -83,6 +78,30 @@ pub(super) fn fold(gpu: &Gpu, work: &Work, jobs: &[Job]) -> Result<()> {
         let _stop = StopOnDrop(&flow);
         run.issue(&streams, &kernels, done)
     })
+}
+
+/// The batches of `jobs` and the buffers they need, within `free` bytes of device memory less
+/// a sixteenth (the driver's own allocations, the module): the default limits halved until
+/// the buffers fit, down to [`Limits::FLOOR`]; below that, an error.
+fn fit(jobs: &[Job], outputs: usize, free: usize, device: usize) -> Result<(Vec<Batch>, Sizes)> {
+    const MIB: usize = 1 << 20;
+    let budget = free - free / 16;
+    let mut limits = Limits::for_outputs(outputs);
+    loop {
+        let batches = packing::plan(jobs, outputs, limits);
+        let sizes = Sizes::of(&batches, jobs, outputs);
+        if sizes.device_bytes() <= budget {
+            return Ok((batches, sizes));
+        }
+        limits = limits.halved().ok_or_else(|| {
+            Error::Cuda(format!(
+                "out of memory on cuda:{device}: {:.1} MiB of device memory are free, and the \
+                 smallest batches need {:.1} MiB",
+                free as f64 / MIB as f64,
+                sizes.device_bytes() as f64 / MIB as f64
+            ))
+        })?;
+    }
 }
 
 /// Hand-over of pinned slots between the producer and the issuing thread.

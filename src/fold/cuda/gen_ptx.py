@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Compiles kernels.cu into kernels.ptx, the PTX that ema-tool embeds and the CUDA driver
+compiles for the device when the module is loaded (no NVRTC at run time).
+
+    python3 -m venv /tmp/nvrtc && /tmp/nvrtc/bin/pip install nvidia-cuda-nvrtc==13.2.86
+    /tmp/nvrtc/bin/python src/fold/cuda/gen_ptx.py          # rewrites kernels.ptx
+    /tmp/nvrtc/bin/python src/fold/cuda/gen_ptx.py --check  # exit 1 if kernels.ptx differs
+    python3 src/fold/cuda/gen_ptx.py --wheel                 # the pinned wheel
+
+NVRTC comes from the pinned `nvidia-cuda-nvrtc` wheel of the Python running this script
+(called through ctypes; no CUDA toolkit, no GPU). The architecture is the lowest this NVRTC
+compiles for (compute_75: NVRTC 13 dropped everything older), so the driver can JIT the PTX
+for any GPU from Turing on. The PTX ISA version is NVRTC 13.2's: the driver must support
+CUDA 13.2 (driver 580 or newer) to load it.
+"""
+
+import ctypes
+import glob
+import os
+import sys
+import zlib
+
+WHEEL = "nvidia-cuda-nvrtc==13.2.86"
+ARCH = "compute_75"
+# Unfused multiply and add, as on the CPU (the kernels also say so with __dmul_rn/__dadd_rn).
+OPTIONS = [f"--gpu-architecture={ARCH}", "--fmad=false"]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "kernels.cu")
+OUTPUT = os.path.join(HERE, "kernels.ptx")
+
+
+def nvrtc():
+    """libnvrtc.so.13 of the `nvidia` package of this Python environment."""
+    try:
+        import nvidia  # the namespace package of NVIDIA's wheels
+    except ImportError:
+        sys.exit(f"gen_ptx.py: no `nvidia` package here: pip install {WHEEL}")
+    for root in nvidia.__path__:
+        found = sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so.13")))
+        if found:
+            return ctypes.CDLL(found[0])
+    sys.exit(f"gen_ptx.py: no libnvrtc.so.13 in {list(nvidia.__path__)}: pip install {WHEEL}")
+
+
+def compile_ptx(lib, source):
+    def check(what, rc, prog=None):
+        if rc == 0:
+            return
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        msg = lib.nvrtcGetErrorString(rc).decode()
+        log = ""
+        if prog is not None:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            buf = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, buf)
+            log = buf.value.decode(errors="replace")
+        sys.exit(f"gen_ptx.py: {what}: {msg}\n{log}")
+
+    prog = ctypes.c_void_p()
+    check(
+        "nvrtcCreateProgram",
+        lib.nvrtcCreateProgram(
+            ctypes.byref(prog), source.encode(), b"kernels.cu", 0, None, None
+        ),
+    )
+    opts = (ctypes.c_char_p * len(OPTIONS))(*(o.encode() for o in OPTIONS))
+    check("nvrtcCompileProgram", lib.nvrtcCompileProgram(prog, len(OPTIONS), opts), prog)
+    size = ctypes.c_size_t()
+    check("nvrtcGetPTXSize", lib.nvrtcGetPTXSize(prog, ctypes.byref(size)))
+    buf = ctypes.create_string_buffer(size.value)
+    check("nvrtcGetPTX", lib.nvrtcGetPTX(prog, buf))
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return buf.value.decode()
+
+
+def main():
+    if sys.argv[1:] == ["--wheel"]:
+        print(WHEEL)  # for CI, which installs it into a throwaway venv
+        return
+    check = sys.argv[1:] == ["--check"]
+    if sys.argv[1:] not in ([], ["--check"]):
+        sys.exit("usage: gen_ptx.py [--check | --wheel]")
+    lib = nvrtc()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    with open(SOURCE, encoding="utf-8") as f:
+        source = f.read()
+    # The CRC-32 of the source lets `cargo test` notice a stale PTX without NVRTC.
+    header = (
+        f"// Generated from kernels.cu by gen_ptx.py ({WHEEL}, NVRTC "
+        f"{major.value}.{minor.value}, {' '.join(OPTIONS)}); do not edit.\n"
+        f"// kernels.cu crc32 {zlib.crc32(source.encode()):08x}\n"
+    )
+    ptx = header + compile_ptx(lib, source)
+    if check:
+        with open(OUTPUT, encoding="utf-8") as f:
+            if f.read() != ptx:
+                sys.exit(
+                    "gen_ptx.py: src/fold/cuda/kernels.ptx is not the PTX of kernels.cu: "
+                    "run src/fold/cuda/gen_ptx.py and commit the result"
+                )
+        print("kernels.ptx is up to date")
+        return
+    with open(OUTPUT, "w", encoding="utf-8") as f:
+        f.write(ptx)
+    print(f"wrote {OUTPUT} ({len(ptx)} bytes)")
+
+
+if __name__ == "__main__":
+    main()
