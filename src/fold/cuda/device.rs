@@ -11,7 +11,7 @@ use cudarc::nvrtc::Ptx;
 use super::Describe;
 use crate::error::{Error, Result};
 
-/// The PTX of the kernels (compute_75, NVRTC 13.2: see `gen_ptx.py`).
+/// The PTX of the kernels (compute_60, PTX ISA 8.0 of NVRTC 12.0: see `gen_ptx.py`).
 pub(crate) const PTX: &str = include_str!("kernels.ptx");
 
 /// The names under which cudarc looks for the driver library (also `nvcuda`'s, Windows' name,
@@ -80,7 +80,7 @@ impl Gpu {
                     "cannot load the kernels on cuda:{}{}",
                     self.device,
                     if old {
-                        " (their PTX is NVRTC 13.2's: the driver must support CUDA 13.2)"
+                        " (their PTX is ISA 8.0: the driver must support CUDA 12.0, version 525 or newer)"
                     } else {
                         ""
                     }

@@ -2,16 +2,17 @@
 """Compiles kernels.cu into kernels.ptx, the PTX that ema-tool embeds and the CUDA driver
 compiles for the device when the module is loaded (no NVRTC at run time).
 
-    python3 -m venv /tmp/nvrtc && /tmp/nvrtc/bin/pip install nvidia-cuda-nvrtc==13.2.86
+    python3 -m venv /tmp/nvrtc && /tmp/nvrtc/bin/pip install nvidia-cuda-nvrtc-cu12==12.0.140
     /tmp/nvrtc/bin/python src/fold/cuda/gen_ptx.py          # rewrites kernels.ptx
     /tmp/nvrtc/bin/python src/fold/cuda/gen_ptx.py --check  # exit 1 if kernels.ptx differs
     python3 src/fold/cuda/gen_ptx.py --wheel                 # the pinned wheel
 
-NVRTC comes from the pinned `nvidia-cuda-nvrtc` wheel of the Python running this script
-(called through ctypes; no CUDA toolkit, no GPU). The architecture is the lowest this NVRTC
-compiles for (compute_75: NVRTC 13 dropped everything older), so the driver can JIT the PTX
-for any GPU from Turing on. The PTX ISA version is NVRTC 13.2's: the driver must support
-CUDA 13.2 (driver 580 or newer) to load it.
+NVRTC comes from the pinned `nvidia-cuda-nvrtc-cu12` wheel of the Python running this script
+(called through ctypes; no CUDA toolkit, no GPU). Both ends are chosen to be conservative: the
+PTX ISA is CUDA 12.0's (8.0), so any driver from 525 on (CUDA 12.0 or newer, 13.x included)
+loads it, and the architecture is compute_60, so the driver can JIT it for any GPU from Pascal
+on. (NVRTC 13 emits ISA 9.x, which needs a CUDA 13 driver, and dropped everything before
+compute_75.)
 """
 
 import ctypes
@@ -20,8 +21,9 @@ import os
 import sys
 import zlib
 
-WHEEL = "nvidia-cuda-nvrtc==13.2.86"
-ARCH = "compute_75"
+WHEEL = "nvidia-cuda-nvrtc-cu12==12.0.140"
+LIBRARY = "libnvrtc.so.12"
+ARCH = "compute_60"
 # Unfused multiply and add, as on the CPU (the kernels also say so with __dmul_rn/__dadd_rn).
 OPTIONS = [f"--gpu-architecture={ARCH}", "--fmad=false"]
 
@@ -31,16 +33,16 @@ OUTPUT = os.path.join(HERE, "kernels.ptx")
 
 
 def nvrtc():
-    """libnvrtc.so.13 of the `nvidia` package of this Python environment."""
+    """The LIBRARY of the `nvidia` package of this Python environment."""
     try:
         import nvidia  # the namespace package of NVIDIA's wheels
     except ImportError:
         sys.exit(f"gen_ptx.py: no `nvidia` package here: pip install {WHEEL}")
     for root in nvidia.__path__:
-        found = sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so.13")))
+        found = sorted(glob.glob(os.path.join(root, "*", "lib", LIBRARY)))
         if found:
             return ctypes.CDLL(found[0])
-    sys.exit(f"gen_ptx.py: no libnvrtc.so.13 in {list(nvidia.__path__)}: pip install {WHEEL}")
+    sys.exit(f"gen_ptx.py: no {LIBRARY} in {list(nvidia.__path__)}: pip install {WHEEL}")
 
 
 def compile_ptx(lib, source):

@@ -452,7 +452,7 @@ fn the_ptx_is_that_of_the_kernels() {
     assert!(
         PTX.lines().take(3).any(|l| l == crc),
         "src/fold/cuda/kernels.ptx is stale: run src/fold/cuda/gen_ptx.py (with {}) and commit it",
-        "nvidia-cuda-nvrtc==13.2.86"
+        "nvidia-cuda-nvrtc-cu12==12.0.140"
     );
     for (kernel, params) in [("ema_accumulate", 5), ("ema_encode", 6)] {
         let at = PTX
@@ -461,7 +461,8 @@ fn the_ptx_is_that_of_the_kernels() {
         let head = &PTX[at..at + PTX[at..].find(')').unwrap()];
         assert_eq!(head.matches(".param").count(), params, "{head}");
     }
-    assert!(PTX.contains("\n.target sm_75\n"), "compute_75 PTX");
+    assert!(PTX.contains("\n.version 8.0\n"), "PTX ISA 8.0 (CUDA 12.0)");
+    assert!(PTX.contains("\n.target sm_60\n"), "compute_60 PTX");
     assert!(!PTX.contains("fma."), "--fmad=false: no fused multiply-add");
 }
 
