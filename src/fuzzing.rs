@@ -15,3 +15,10 @@ pub fn flatten_pickle(bytes: &[u8]) -> Result<usize> {
 pub fn torch_archive(bytes: &[u8]) -> Result<usize> {
     crate::checkpoint::torch::parse_archive_bytes(bytes)
 }
+
+/// The names of the tensors a pickle holds once flattened, pickled modules walked as their
+/// `state_dict()` names (target `module_state`).
+pub fn pickle_names(bytes: &[u8]) -> Result<Vec<String>> {
+    crate::checkpoint::torch::flatten_pickle_bytes(bytes)
+        .map(|t| t.into_iter().map(|t| t.name).collect())
+}

@@ -130,6 +130,29 @@ impl Pairing {
         }
     }
 
+    /// The side that `swap --deploy` (or `--deploy` of a fold) takes: the EMA's, or with
+    /// `raw` the other. With a side absent, the side there is, and `raw` is an error: the file
+    /// keeps one set of weights, deployed as they are.
+    pub fn deployed_side(&self, ckpt: &Checkpoint, ema: Side, raw: bool) -> Result<Side> {
+        match self.absent() {
+            None => Ok(if raw { ema.flip() } else { ema }),
+            Some(absent) if !raw => Ok(absent.flip()),
+            Some(absent) => Err(Error::format(
+                ckpt.path(),
+                format!(
+                    "has no {} side in the {} layout (only `{}…`): it holds one set of weights, \
+                     which `--deploy` without --raw writes",
+                    absent.name(),
+                    self.layout.name(),
+                    match absent {
+                        Side::Model => &self.shadow_prefix,
+                        Side::Shadow => &self.model_prefix,
+                    }
+                ),
+            )),
+        }
+    }
+
     /// The side holding the EMA: `--ema-on`, else what `ema-tool swap` recorded in the
     /// metadata, else the layout's default.
     pub fn ema_side(&self, ckpt: &Checkpoint, flag: Option<Side>) -> Side {
@@ -216,16 +239,27 @@ pub fn detect(ckpt: &Checkpoint) -> Option<Pairing> {
             let prefixes = prefixes(ckpt, l, None)?;
             pair_with(ckpt, l, &prefixes).ok()
         })
-        .find(|p| !p.pairs.is_empty() || (marked(ckpt, p.layout) && !p.shadow_tensors.is_empty()))
+        .find(|p| {
+            !p.pairs.is_empty()
+                || (marked(ckpt, p.layout)
+                    && !(p.shadow_tensors.is_empty() && p.model_tensors.is_empty()))
+        })
 }
 
-/// Whether `ckpt` carries the mark of `layout`, so that its shadow side alone is enough to
-/// detect it: `n_averaged` and `initted` are found by [`prefixes`] already; ultralytics'
-/// trainer writes an `updates` counter.
+/// Whether `ckpt` carries the mark of `layout`, so that one side alone is enough to detect
+/// it: `n_averaged` and `initted` are found by [`prefixes`] already; ultralytics' and YOLOv5's
+/// trainers write an `updates` counter and pickle their models as `ultralytics.` or `models.`
+/// classes (`strip_optimizer` sets `updates` and `ema` to `None` in `best.pt`).
 fn marked(ckpt: &Checkpoint, layout: Layout) -> bool {
     match layout {
         Layout::SwaUtils | Layout::EmaPytorch => true,
-        Layout::Ultralytics => ckpt.metadata().contains_key("updates"),
+        Layout::Ultralytics => {
+            let yolo = |key: &str| {
+                ckpt.top_kind(key)
+                    .is_some_and(|k| k.starts_with("ultralytics.") || k.starts_with("models."))
+            };
+            ckpt.metadata().contains_key("updates") || yolo("model") || yolo("ema")
+        }
         _ => false,
     }
 }
@@ -258,7 +292,13 @@ fn prefixes(ckpt: &Checkpoint, layout: Layout, custom: Option<&Prefixes>) -> Opt
         Layout::Mmengine => fixed("state_dict.", "ema_state_dict.module."),
         Layout::Timm => fixed("state_dict.", "state_dict_ema."),
         Layout::Lightning => fixed("state_dict.", "current_model_state."),
-        Layout::Ultralytics => fixed("model.", "ema."),
+        Layout::Ultralytics => fixed("model.", "ema.").or_else(|| {
+            // `best.pt`: the EMA moved into `model`, `ema` set to None.
+            (marked(ckpt, layout) && names().any(|n| n.starts_with("model."))).then(|| Prefixes {
+                model: "model.".into(),
+                shadow: "ema.".into(),
+            })
+        }),
         Layout::Mmcv => {
             let model = if names().any(|n| n.starts_with("state_dict.")) {
                 "state_dict."

@@ -280,6 +280,13 @@ impl Checkpoint {
         self.dir.then_some(self.path.as_path())
     }
 
+    /// The kind of top-level entry `key` of a PyTorch checkpoint or pickle (`dict`, or the
+    /// class of a pickled object: `ultralytics.nn.tasks.DetectionModel`).
+    pub fn top_kind(&self, key: &str) -> Option<&str> {
+        let t = self.torch()?;
+        t.top.iter().find(|e| e.key == key).map(|e| e.kind.as_str())
+    }
+
     /// The path as the user gave it.
     pub fn path(&self) -> &Path {
         &self.path

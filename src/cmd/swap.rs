@@ -50,6 +50,9 @@ pub fn run(args: &SwapArgs, rt: &Runtime) -> Result<()> {
             output.display()
         )));
     }
+    if args.deploy && args.layout.layout.is_none() && layout::detect(&ckpt).is_none() {
+        return deploy_unpaired(ckpt, output, args, started, rt);
+    }
     let pairing = find_pairing(&ckpt, args)?;
     let ema_side = pairing.ema_side(&ckpt, args.layout.ema_on);
     if in_archive {
@@ -59,21 +62,18 @@ pub fn run(args: &SwapArgs, rt: &Runtime) -> Result<()> {
     let mut base = ckpt.metadata().clone();
     base.remove("ema_tool");
     let (plan, record) = if args.deploy {
+        let take = pairing.deployed_side(&ckpt, ema_side, args.raw)?;
         let record = json!({
             "command": "swap --deploy",
             "layout": pairing.layout,
             "deployed": if args.raw { "raw" } else { "ema" },
-            "taken_from": if args.raw { ema_side.flip() } else { ema_side },
+            "taken_from": take,
             "input": ckpt.path(),
         });
         let strip = args.layout.strip();
-        let deploy = plan::swap::Deploy {
-            ema_side,
-            raw: args.raw,
-            strip: &strip,
-            dtype: args.out.dtype.map(Into::into),
-        };
-        let plan = plan::swap::deploy(ckpt, &pairing, &deploy, output.clone())?;
+        let deployed = plan::swap::deployed(&ckpt, &pairing, take, &strip)?;
+        let dtype = args.out.dtype.map(Into::into);
+        let plan = plan::swap::deploy(ckpt, deployed, dtype, output.clone())?;
         (plan, record)
     } else {
         let record = json!({
@@ -101,18 +101,23 @@ pub fn run(args: &SwapArgs, rt: &Runtime) -> Result<()> {
     } else if !args.out.quiet {
         let what = if args.deploy {
             format!(
-                "deployed {} {} tensors",
+                "deployed {} {} tensors from the {} side; {} layout",
                 plan.tensors.len(),
-                if args.raw { "raw" } else { "EMA" }
+                if args.raw { "raw" } else { "EMA" },
+                record["taken_from"].as_str().unwrap_or("?"),
+                pairing.layout.name(),
             )
         } else {
-            format!("swapped {} pairs", pairing.pairs.len())
+            format!(
+                "swapped {} pairs; {} layout, EMA was on the {} side",
+                pairing.pairs.len(),
+                pairing.layout.name(),
+                ema_side.name()
+            )
         };
         eprintln!(
-            "ema-tool: wrote {} ({what}; {} layout, EMA was on the {} side; {})",
+            "ema-tool: wrote {} ({what}; {})",
             written.display(),
-            pairing.layout.name(),
-            ema_side.name(),
             human_bytes(bytes)
         );
     }
@@ -189,8 +194,8 @@ fn find_pairing(ckpt: &Checkpoint, args: &SwapArgs) -> Result<Pairing> {
         None => layout::detect(ckpt).ok_or_else(|| {
             Error::format(
                 ckpt.path(),
-                "no EMA/raw weight pairs found (looked for the mmengine, timm and mmcv layouts; \
-                 see `ema-tool inspect`)",
+                "no EMA/raw weight pairs found (looked for every layout but custom; see \
+                 `ema-tool inspect`)",
             )
         })?,
     };
@@ -215,6 +220,66 @@ fn find_pairing(ckpt: &Checkpoint, args: &SwapArgs) -> Result<Pairing> {
         ));
     }
     Ok(pairing)
+}
+
+/// `swap --deploy` of a checkpoint without EMA pairs: with `--raw`, its model tensors (as a
+/// fold's `--deploy` takes them); without, an error naming its subtrees, since shipping raw
+/// weights as if they were the EMA would be worse than stopping.
+fn deploy_unpaired(
+    ckpt: Checkpoint,
+    output: std::path::PathBuf,
+    args: &SwapArgs,
+    started: Instant,
+    rt: &Runtime,
+) -> Result<()> {
+    if !args.raw {
+        let subtrees: Vec<String> = layout::subtrees(&ckpt)
+            .iter()
+            .map(|(n, k)| format!("{n} ({k})"))
+            .collect();
+        return Err(Error::format(
+            ckpt.path(),
+            format!(
+                "no EMA/raw weight pairs found (looked for every layout but custom); its \
+                 subtrees: {}; name the EMA with --layout custom --model-prefix P \
+                 --shadow-prefix Q, or deploy the weights as they are with --raw",
+                subtrees.join(", ")
+            ),
+        ));
+    }
+    let strip = args.layout.strip();
+    let deployed = plan::fold::unpaired(&ckpt, &strip)?;
+    let record = json!({
+        "command": "swap --deploy",
+        "layout": null,
+        "deployed": "raw",
+        "input": ckpt.path(),
+    });
+    let mut base = ckpt.metadata().clone();
+    base.remove("ema_tool");
+    let plan = plan::swap::deploy(ckpt, deployed, args.out.dtype.map(Into::into), output)?;
+    let metadata = provenance(&base, record.clone());
+    let (writer, written) = create_writer(&plan, 0, &args.out, &metadata, rt)?;
+    copy(&plan, &writer, args.out.quiet, args.out.check_finite, rt)?;
+    let bytes = writer.commit(rt)?;
+    if args.out.json {
+        let mut summary = record;
+        summary["input"] = json!(args.input);
+        summary["output"] = json!(written);
+        summary["bytes"] = json!(bytes);
+        summary["tensors"] = json!(plan.tensors.len());
+        summary["pairs"] = json!(0);
+        summary["seconds"] = json!(started.elapsed().as_secs_f64());
+        print_json(&summary)?;
+    } else if !args.out.quiet {
+        eprintln!(
+            "ema-tool: wrote {} (deployed {} tensors as they are: no EMA/raw pairs; {})",
+            written.display(),
+            plan.tensors.len(),
+            human_bytes(bytes)
+        );
+    }
+    Ok(())
 }
 
 /// Runs the copies of a swap or deploy plan on the CPU into `writer`, with a progress bar.

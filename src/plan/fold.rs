@@ -71,10 +71,16 @@ pub fn deployed_tensors(c: &Checkpoint, d: &Deploy) -> Result<Vec<(String, usize
         None => layout::detect(c),
     };
     if let Some(p) = pairing {
-        let ema = p.ema_side(c, d.ema_on);
-        let take = if d.raw { ema.flip() } else { ema };
+        let take = p.deployed_side(c, p.ema_side(c, d.ema_on), d.raw)?;
         return super::swap::deployed(c, &p, take, d.strip);
     }
+    unpaired(c, d.strip)
+}
+
+/// What a checkpoint without EMA pairs deploys: the `state_dict`, `model`, `module` or `ema`
+/// subtree if there is one, else every tensor but optimizer and scheduler state, under their
+/// names with the subtree's and `strip`'s prefixes stripped.
+pub fn unpaired(c: &Checkpoint, strip: &[String]) -> Result<Vec<(String, usize)>> {
     let names = || c.tensors().iter().map(|t| t.name.as_str());
     let subtree = ["state_dict.", "model.", "module.", "ema."]
         .into_iter()
@@ -90,7 +96,7 @@ pub fn deployed_tensors(c: &Checkpoint, d: &Deploy) -> Result<Vec<(String, usize
             None if NOT_DEPLOYED.iter().any(|p| n.starts_with(p)) => continue,
             None => n,
         };
-        let name = super::swap::strip_prefixes(rest, d.strip).to_string();
+        let name = super::swap::strip_prefixes(rest, strip).to_string();
         if let Some(prev) = seen.insert(name.clone(), i) {
             return Err(Error::tensor(
                 c.path(),

@@ -74,19 +74,6 @@ pub fn swap_in_archive(ckpt: Checkpoint, slots: &[Slot], target: PathBuf) -> Pla
     one_to_one(ckpt, target, tensors)
 }
 
-/// What `swap --deploy` takes.
-#[derive(Clone, Copy, Debug)]
-pub struct Deploy<'a> {
-    /// The side that holds the EMA.
-    pub ema_side: Side,
-    /// Deploy the other side.
-    pub raw: bool,
-    /// Prefixes stripped from the deployed names.
-    pub strip: &'a [String],
-    /// The dtype of floating-point outputs (default: as in the input).
-    pub dtype: Option<DType>,
-}
-
 /// `name` with every prefix of `strip` removed wherever one leads it, again and again
 /// (`module._orig_mod.conv.weight` → `conv.weight`).
 pub fn strip_prefixes<'a>(mut name: &'a str, strip: &[String]) -> &'a str {
@@ -171,13 +158,19 @@ pub fn deployed(
     Ok(out)
 }
 
-/// The weights of one side under the model's own names, prefixes stripped.
-pub fn deploy(ckpt: Checkpoint, pairing: &Pairing, d: &Deploy, target: PathBuf) -> Result<Plan> {
-    let take = if d.raw { d.ema_side.flip() } else { d.ema_side };
+/// The tensors `deployed` (`(name, tensor index)`, from [`deployed`] or, for a checkpoint
+/// without pairs, `plan::fold::unpaired`) as a plain state dict.
+/// `dtype` is that of floating-point outputs (default: as in the input).
+pub fn deploy(
+    ckpt: Checkpoint,
+    deployed: Vec<(String, usize)>,
+    dtype: Option<DType>,
+    target: PathBuf,
+) -> Result<Plan> {
     let mut tensors = Vec::new();
-    for (name, src) in deployed(&ckpt, pairing, take, d.strip)? {
+    for (name, src) in deployed {
         let t = &ckpt.tensors()[src];
-        let dtype = match d.dtype {
+        let dtype = match dtype {
             Some(o) if t.dtype.is_float() => o,
             _ => t.dtype,
         };

@@ -214,6 +214,21 @@ impl<'p, F: Storages> Walker<'p, F> {
                         let e = self.records.embedded(at, len)?;
                         Ok((e.key, e.storage_type, e.numel, 0))
                     }
+                    Some(Value::Call(e))
+                        if self
+                            .p
+                            .global(e.func)
+                            .is_some_and(|g| g.is("_codecs", "encode")) =>
+                    {
+                        // Protocol 2 has no bytes opcode: it pickles bytes as
+                        // `_codecs.encode(text, "latin1")`, text that is not the bytes on disk.
+                        Err(terr(
+                            self,
+                            "the storage is pickled as text (`_codecs.encode`, pickle protocol 2), \
+                             which cannot be read in place: re-save it with pickle protocol 3 or \
+                             newer (`pickle.dump(obj, f, protocol=4)`)",
+                        ))
+                    }
                     _ => Err(terr(
                         self,
                         "malformed pickle: _load_from_bytes of something other than bytes",
