@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The Python wheel as a user gets it: build it with maturin (pyproject.toml: the cuda feature),
 # install it into a fresh virtual environment, and check that the `ema-tool` on that
-# environment's PATH prints what `cargo run --release` prints, byte for byte, for `--version`
-# and the README's first `ema` command, writing the same file; that `python -m ema_tool` runs
-# it; and that the man pages and completions are installed under share/.
+# environment's PATH and `cargo run --release` print the same bytes for `--version` and for the
+# README's first `ema` command (whose summary's time taken aside), and write the same file;
+# that `python -m ema_tool` runs it and passes its exit status on; and that the man pages and
+# completions are installed under share/.
 #
 # The wheel's binary is the release build of `cargo build --release --features cuda` in the
 # same target directory (maturin runs that build), so `cargo run --release` after it only
@@ -76,7 +77,7 @@ done
 echo "== ema-tool --version"
 cat "$work/wheel/version.out"
 grep -q '^cuda: yes' "$work/wheel/version.out" || { echo "the wheel's binary lacks cuda"; exit 1; }
-echo "== ema-tool ${args[*]} -o $out"
+echo "== ${readme_cmd/#cargo run --release --/ema-tool}"
 cat "$work/wheel/ema.err"
 # The summary on stderr ends with the time taken, the one thing that may differ.
 for side in wheel cargo; do
