@@ -22,6 +22,7 @@ use crate::schedule::options::{EmaOptions, SwaOptions, Typed};
 #[command(
     name = "ema-tool",
     version,
+    long_version = long_version(),
     propagate_version = true,
     max_term_width = 100
 )]
@@ -42,6 +43,21 @@ impl Cli {
             Command::Inspect(_) | Command::Completions { .. } => false,
         }
     }
+}
+
+/// What `--version` prints: the version, the git commit when built from a clone, and whether
+/// the GPU path is compiled in (`-V` prints the version alone).
+pub fn long_version() -> String {
+    let mut text = env!("CARGO_PKG_VERSION").to_string();
+    if let Some(commit) = option_env!("EMA_TOOL_GIT_COMMIT") {
+        text.push_str(&format!("\ncommit: {commit}"));
+    }
+    text.push_str(if cfg!(feature = "cuda") {
+        "\ncuda: yes (--device cuda; the CUDA driver and NVRTC are loaded at run time)"
+    } else {
+        "\ncuda: no (built without the `cuda` feature)"
+    });
+    text
 }
 
 #[derive(Debug, Subcommand)]

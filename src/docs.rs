@@ -14,7 +14,9 @@ use crate::cli::Cli;
 /// The generated files: (path relative to `man/`, contents).
 pub fn generate() -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    let cmd = Cli::command();
+    // The long version names the commit and the features of this build: the pages would
+    // differ between builds. They show the version alone.
+    let cmd = Cli::command().long_version(None);
     let mut buf = Vec::new();
     clap_mangen::Man::new(cmd.clone())
         .render(&mut buf)

@@ -1,0 +1,1 @@
+../../../../../../man/completions/ema-tool.fish
