@@ -53,7 +53,7 @@ pub fn long_version() -> String {
         text.push_str(&format!("\ncommit: {commit}"));
     }
     text.push_str(if cfg!(feature = "cuda") {
-        "\ncuda: yes (--device cuda; the CUDA driver and NVRTC are loaded at run time)"
+        "\ncuda: yes (--device cuda; the CUDA driver is loaded at run time and compiles the embedded PTX)"
     } else {
         "\ncuda: no (built without the `cuda` feature)"
     });
