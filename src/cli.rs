@@ -141,7 +141,8 @@ pub struct OutputArgs {
 #[derive(Debug, Args, Clone)]
 pub struct FoldArgs {
     /// Checkpoints to fold: safetensors files, PyTorch checkpoints (`.pth`, `.pt`, `.bin`,
-    /// `.ckpt`, `.pth.tar`) or sharded checkpoints (a directory with an index, or the index).
+    /// `.ckpt`, `.pth.tar`, the legacy format too), pickles (`.pkl`), sharded checkpoints (a
+    /// directory with an index, or the index) or model directories with one weights file.
     #[arg(required = true, value_name = "CKPT")]
     pub inputs: Vec<PathBuf>,
 

@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use crate::text::printable;
+use crate::text::{one_line, printable};
+
+/// Longest message text of an error, past the path and the tensor name.
+const MAX_MESSAGE: usize = 4096;
 
 /// Result with ema-tool's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -21,12 +24,13 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A file that is not a well-formed checkpoint of the format it claims to be.
-    #[error("{}: {what}", path.display())]
+    /// A file that is not a well-formed checkpoint of the format it claims to be. (Messages
+    /// quote file content: control characters are escaped, so the error stays one line.)
+    #[error("{}: {}", path.display(), one_line(what, MAX_MESSAGE))]
     Format { path: PathBuf, what: String },
 
     /// A problem with one tensor of one file.
-    #[error("{}: tensor `{}`: {what}", path.display(), printable(name))]
+    #[error("{}: tensor `{}`: {}", path.display(), printable(name), one_line(what, MAX_MESSAGE))]
     Tensor {
         path: PathBuf,
         name: String,

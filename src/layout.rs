@@ -248,17 +248,20 @@ pub fn detect(ckpt: &Checkpoint) -> Option<Pairing> {
 
 /// Whether `ckpt` carries the mark of `layout`, so that one side alone is enough to detect
 /// it: `n_averaged` and `initted` are found by [`prefixes`] already; ultralytics' and YOLOv5's
-/// trainers write an `updates` counter and pickle their models as `ultralytics.` or `models.`
-/// classes (`strip_optimizer` sets `updates` and `ema` to `None` in `best.pt`).
+/// trainers write an `updates` entry beside `model` and `ema` (`strip_optimizer` sets it and
+/// `ema` to `None` in `best.pt`), and pickle their models as `ultralytics.` or `models.yolo.`
+/// classes.
 fn marked(ckpt: &Checkpoint, layout: Layout) -> bool {
     match layout {
         Layout::SwaUtils | Layout::EmaPytorch => true,
         Layout::Ultralytics => {
+            let top = |key: &str| ckpt.top_kind(key).is_some();
             let yolo = |key: &str| {
                 ckpt.top_kind(key)
-                    .is_some_and(|k| k.starts_with("ultralytics.") || k.starts_with("models."))
+                    .is_some_and(|k| k.starts_with("ultralytics.") || k.starts_with("models.yolo."))
             };
-            ckpt.metadata().contains_key("updates") || yolo("model") || yolo("ema")
+            let updates = ckpt.metadata().contains_key("updates") || top("updates");
+            (updates && top("model") && top("ema")) || yolo("model") || yolo("ema")
         }
         _ => false,
     }

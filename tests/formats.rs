@@ -127,7 +127,10 @@ fn every_file_reads_as_the_library_holds_it() {
             // Protocol 2 pickles bytes as text (`_codecs.encode`): not in place, so refused
             // with what to do about it.
             let err = fails(&["inspect", &fx(file)]);
-            assert!(err.contains("protocol 2") && err.contains("tensor `"), "{err}");
+            assert!(
+                err.contains("protocol 2") && err.contains("tensor `"),
+                "{err}"
+            );
             continue;
         }
         let v: Value = serde_json::from_str(&ok(&["inspect", "--json", &fx(file)])).unwrap();
@@ -147,7 +150,10 @@ fn every_file_reads_as_the_library_holds_it() {
 #[test]
 fn legacy_files_equal_their_zip_twins() {
     let twins = [
-        ("formats/legacy/state_dict.pt", "formats/legacy/state_dict.zip.pt"),
+        (
+            "formats/legacy/state_dict.pt",
+            "formats/legacy/state_dict.zip.pt",
+        ),
         (
             "formats/legacy/mmengine_epoch_3.pth",
             "formats/legacy/mmengine_epoch_3.zip.pth",
@@ -200,7 +206,11 @@ fn layouts_deploy_raw_and_swap_as_the_libraries_hold_them() {
         }
         let o = out("deploy");
         ok(&args(&with(&["swap", "--deploy"], &o)));
-        assert_same(&o, &fx(str_of(c, "deploy").unwrap()), &format!("{file} deploy"));
+        assert_same(
+            &o,
+            &fx(str_of(c, "deploy").unwrap()),
+            &format!("{file} deploy"),
+        );
         let o = out("raw");
         match str_of(c, "deploy_raw") {
             Some(g) => {
@@ -293,7 +303,10 @@ fn folds_equal_the_reference_averages() {
                     .all(|k| !k.starts_with("optimizer") && !k.starts_with("state_dict")),
                 "{name}"
             );
-            assert!(meta.keys().all(|k| k == "step" || k == "ema_tool"), "{meta:?}");
+            assert!(
+                meta.keys().all(|k| k == "step" || k == "ema_tool"),
+                "{meta:?}"
+            );
         }
     }
 }
@@ -329,7 +342,10 @@ fn hf_outputs_are_directories_that_from_pretrained_loads() {
         assert_eq!(common::entries(Path::new(&dir)), want, "{name}");
         // The companions are the last input's files, byte for byte.
         let last = Path::new(inputs.last().unwrap());
-        for f in want.iter().filter(|f| f.ends_with(".json") && !f.contains("index")) {
+        for f in want
+            .iter()
+            .filter(|f| !f.ends_with(".safetensors") && !f.ends_with(".index.json"))
+        {
             assert_eq!(
                 std::fs::read(Path::new(&dir).join(f)).unwrap(),
                 std::fs::read(last.join(f)).unwrap(),
@@ -356,7 +372,7 @@ fn a_failed_fold_into_a_directory_leaves_no_directory() {
     let d = tempfile::tempdir().unwrap();
     let bad = d.path().join("bad.safetensors");
     std::fs::write(&bad, b"junk").unwrap();
-    let dir = format!("{}/", d.path().join("out").display());
+    let dir = format!("{}/", d.path().join("n1/n2/out").display());
     fails(&[
         "swa",
         &fx("formats/hf/run/checkpoint-100"),
@@ -364,7 +380,81 @@ fn a_failed_fold_into_a_directory_leaves_no_directory() {
         "-o",
         &dir,
     ]);
-    assert!(!d.path().join("out").exists());
+    assert!(
+        !d.path().join("n1").exists(),
+        "every directory made is removed"
+    );
+}
+
+#[test]
+fn an_input_directory_is_never_the_output() {
+    let d = tempfile::tempdir().unwrap();
+    // A copy of a run, so that a failure of the check cannot damage the fixtures.
+    let run = d.path().join("run");
+    for c in ["checkpoint-100", "checkpoint-200"] {
+        let to = run.join(c);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(fixtures().join("formats/hf/run").join(c)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    let a = run.join("checkpoint-100");
+    let b = run.join("checkpoint-200");
+    let before = std::fs::read(b.join("model.safetensors")).unwrap();
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    for force in [false, true] {
+        let target = format!("{b}/");
+        let mut args = vec!["swa", a, b, "-o", &target];
+        if force {
+            args.push("--force");
+        }
+        let err = fails(&args);
+        assert!(err.contains("is an input directory"), "{err}");
+    }
+    // The same directory under another spelling, sharded: still refused.
+    let other = format!("{}/../checkpoint-200/", a);
+    let err = fails(&[
+        "swa",
+        a,
+        b,
+        "-o",
+        &other,
+        "--force",
+        "--max-shard-size",
+        "12KB",
+    ]);
+    assert!(err.contains("is an input directory"), "{err}");
+    assert_eq!(
+        std::fs::read(Path::new(b).join("model.safetensors")).unwrap(),
+        before
+    );
+}
+
+#[test]
+fn a_models_package_is_not_taken_for_yolov5() {
+    // A plain `{"model": Module}` whose class lives in a package named `models`, as many do:
+    // not the ultralytics layout, so `swap --deploy` must not ship it as an EMA.
+    let bytes = std::fs::read(fixtures().join("formats/module/hostile_nested.pkl")).unwrap();
+    let at = bytes
+        .windows(8)
+        .position(|w| w == b"__main__")
+        .expect("the fixture names __main__");
+    let mut renamed = bytes.clone();
+    renamed[at..at + 8].copy_from_slice(b"models.x");
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("models_x.pkl");
+    std::fs::write(&file, &renamed).unwrap();
+    let file = file.to_str().unwrap();
+    let v: Value = serde_json::from_str(&ok(&["inspect", "--json", file])).unwrap();
+    assert!(
+        v["files"][0]["layout"].is_null(),
+        "{}",
+        v["files"][0]["layout"]
+    );
+    let o = d.path().join("o.safetensors");
+    let err = fails(&["swap", "--deploy", file, "-o", o.to_str().unwrap()]);
+    assert!(err.contains("no EMA/raw weight pairs"), "{err}");
 }
 
 #[test]
@@ -425,9 +515,34 @@ fn edm2_snapshots_give_posthoc_their_profiles() {
     for (s, w) in sig.iter().zip([0.05, 0.1, 0.05, 0.1]) {
         assert!((s - w).abs() < 1e-12, "{sig:?}");
     }
+    // A folder of them is the same snapshots.
+    let v2: Value = serde_json::from_str(&ok(&[
+        "posthoc",
+        "--sigma-rel",
+        "0.07",
+        "--dry-run",
+        "--json",
+        &dir,
+    ]))
+    .unwrap();
+    let steps2: Vec<i64> = v2["inputs"]
+        .as_array()
+        .expect("inputs")
+        .iter()
+        .map(|s| s["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps2, steps);
     let d = tempfile::tempdir().unwrap();
+    let full = d.path().join("full.safetensors");
+    ok(&[
+        "posthoc",
+        "--sigma-rel",
+        "0.07",
+        &dir,
+        "-o",
+        full.to_str().unwrap(),
+    ]);
     let o = d.path().join("phema.safetensors");
-    let _ = dir;
     ok(&[
         "posthoc",
         "--sigma-rel",
@@ -452,4 +567,14 @@ fn edm2_snapshots_give_posthoc_their_profiles() {
         w.sort();
         w
     });
+    // The deployed tensors are the `ema.` ones of the whole output, bit for bit.
+    let (whole, _) = common::load(&full);
+    for (name, x) in &t {
+        let y = &whole[&format!("ema.{name}")];
+        assert_eq!(
+            (&x.dtype, &x.shape, &x.data),
+            (&y.dtype, &y.shape, &y.data),
+            "{name}"
+        );
+    }
 }

@@ -470,7 +470,9 @@ pub fn weights_of_dir(dir: &Path) -> Result<Option<String>> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         return Ok(Some(
-            name.strip_suffix(".index.json").unwrap_or(&name).to_string(),
+            name.strip_suffix(".index.json")
+                .unwrap_or(&name)
+                .to_string(),
         ));
     }
     for n in WEIGHTS_NAMES {

@@ -9,9 +9,9 @@ use serde_json::{json, Value};
 use super::{create_writer, print_json, progress, provenance, set_threads, sweep_targets, varying};
 use crate::checkpoint::Checkpoint;
 use crate::cli::{FoldArgs, OutputArgs};
+use crate::error::Error;
 use crate::error::Result;
 use crate::fold::{self, Device};
-use crate::error::Error;
 use crate::output::atomic::Finished;
 use crate::output::{check_output_kind, check_target, commit_all, hf};
 use crate::plan::choose::{choose, keep, Chosen};
@@ -58,8 +58,8 @@ pub fn targets(
     };
     for target in sweep_targets(&template, values)? {
         if hf::is_dir_target(&target) {
-            let name = hf::weights_name(inputs, &format!("{stem}.safetensors"));
-            t.files.push(target.join(name));
+            hf::check_not_input(&target, inputs)?;
+            t.files.push(target.join(hf::weights_name(inputs)));
             t.dirs.push(Some(target));
         } else {
             t.files.push(target);
@@ -68,12 +68,29 @@ pub fn targets(
     }
     if !dry_run {
         for d in t.dirs.iter().flatten() {
-            if !d.exists() {
-                std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-                t.created.push(d.clone());
+            // Every directory made, from the outermost, so that a failure removes them all.
+            let mut missing: Vec<PathBuf> = d
+                .ancestors()
+                .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+                .map(Path::to_path_buf)
+                .collect();
+            missing.reverse();
+            if let Err(e) = std::fs::create_dir_all(d) {
+                t.created.extend(missing);
+                t.remove_created();
+                return Err(Error::io(d, e));
+            }
+            t.created.extend(missing);
+        }
+        // The files of input directories are inputs too (a model directory's weights and
+        // shards, its config).
+        let mut protected: Vec<PathBuf> = inputs.to_vec();
+        for i in inputs.iter().filter(|i| i.is_dir()) {
+            if let Ok(entries) = std::fs::read_dir(i) {
+                protected.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
             }
         }
-        let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+        let inputs: Vec<&Path> = protected.iter().map(PathBuf::as_path).collect();
         let checked = t.files.iter().try_for_each(|f| {
             check_target(f, &inputs, out.force, rt)?;
             check_output_kind(f, out.max_shard_size)
@@ -87,7 +104,8 @@ pub fn targets(
 }
 
 impl Targets {
-    /// Removes the directories made for the outputs, where they are still empty.
+    /// Removes the directories made for the outputs (innermost first), where they are still
+    /// empty.
     pub fn remove_created(&self) {
         for d in self.created.iter().rev() {
             let _ = std::fs::remove_dir(d);

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::fold::{add_choice, many, one, print_dropped, targets, Run, Targets};
 use super::{set_threads, varying};
+use crate::checkpoint::step::edm2_name;
 use crate::checkpoint::Checkpoint;
 use crate::cli::PosthocArgs;
 use crate::error::{Error, Result};
@@ -37,23 +38,6 @@ fn folder_name(p: &Path) -> Option<(usize, u64)> {
     let (ind, step) = name.strip_suffix(".pt")?.split_once('.')?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     (digits(ind) && digits(step)).then(|| Some((ind.parse().ok()?, step.parse().ok()?)))?
-}
-
-/// `<prefix>-<kimg>-<std>.pkl`, as EDM2's training loop names its snapshots: the training time
-/// in images (EDM2's `kimg_to_nimg`: the multiple of 1024 whose thousands are `kimg`) and the
-/// snapshot's sigma_rel.
-fn edm2_name(p: &Path) -> Option<(u64, f64)> {
-    let name = p.file_name()?.to_str()?.strip_suffix(".pkl")?;
-    let (rest, std) = name.rsplit_once('-')?;
-    let (_, kimg) = rest.rsplit_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let (whole, frac) = std.split_once('.')?;
-    if !digits(kimg) || !digits(whole) || !digits(frac) {
-        return None;
-    }
-    let kimg: u64 = kimg.parse().ok()?;
-    let nimg = kimg.checked_mul(1000)?.checked_add(999)? / 1024 * 1024;
-    (nimg / 1000 == kimg).then_some((nimg, std.parse().ok()?))
 }
 
 /// The profile exponents of a PostHocEMA folder, by `ind`.
@@ -96,6 +80,11 @@ fn find_snapshots(args: &PosthocArgs) -> Result<Found> {
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|p| p.is_file() && edm2_name(p).is_some())
                     .collect();
+                for p in &edm2 {
+                    if let Some(Err(e)) = edm2_name(p) {
+                        return Err(Error::format(p, e));
+                    }
+                }
                 if edm2.is_empty() {
                     return Err(Error::format(
                         input,
@@ -157,7 +146,8 @@ fn profile_of(
             true,
         ));
     }
-    if let Some((nimg, std)) = edm2_name(c.path()) {
+    if let Some(named) = edm2_name(c.path()) {
+        let (nimg, std) = named.map_err(|e| Error::format(c.path(), e))?;
         let gamma = sigma_rel_to_gamma(std).ok_or_else(|| {
             Error::format(
                 c.path(),
@@ -506,23 +496,4 @@ fn print_posthoc_plan(
     }
     let (folded, copied) = plan.counts();
     println!("tensors   {folded} averaged, {copied} copied from the last snapshot");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn edm2_names_give_edm2_times() {
-        // EDM2's kimg_to_nimg: (kimg * 1000 + 999) // 1024 * 1024.
-        let t = |n: &str| edm2_name(Path::new(n));
-        assert_eq!(t("network-snapshot-0000128-0.050.pkl"), Some((128_000, 0.05)));
-        assert_eq!(t("phema-0002147-0.100.pkl"), Some((2_147_328, 0.1)));
-        assert_eq!(t("run/x-y-0000001-0.200.pkl"), Some((1024, 0.2)));
-        assert_eq!(t("network-snapshot-0000128.pkl"), None);
-        assert_eq!(t("network-snapshot-0000128-0.050.pt"), None);
-        assert_eq!(t("network-snapshot-12a-0.050.pkl"), None);
-        // No multiple of 1024 images has 42 thousands.
-        assert_eq!(t("net-0000042-0.050.pkl"), None);
-    }
 }

@@ -33,6 +33,13 @@ pub fn run(args: &SwapArgs, rt: &Runtime) -> Result<()> {
     let output = args.out.output.clone().unwrap_or_else(|| {
         default_output(&args.input, if args.deploy { "deploy" } else { "swapped" })
     });
+    if crate::output::hf::is_dir_target(&output) {
+        return Err(Error::usage(format!(
+            "{}: swap writes one checkpoint file, not a model directory (`-o DIR/` is for ema, \
+             swa and posthoc)",
+            output.display()
+        )));
+    }
     check_target(&output, &[args.input.as_path()], args.out.force, rt)?;
     check_output_kind(&output, args.out.max_shard_size)?;
     let in_archive = !args.deploy && is_torch_name(&output);

@@ -9,8 +9,9 @@ use super::atomic::{AtomicFile, Finished};
 use crate::error::{Error, Result};
 use crate::runtime::Runtime;
 
-/// Extensions of files that are weights or training state, never copied beside an output.
-const NOT_COPIED: [&str; 9] = [
+/// Extensions of files that are weights or training state (of PyTorch and of the other
+/// frameworks `save_pretrained` may have written), never copied beside an output.
+const NOT_COPIED: [&str; 15] = [
     ".safetensors",
     ".bin",
     ".pt",
@@ -20,6 +21,12 @@ const NOT_COPIED: [&str; 9] = [
     ".distcp",
     ".index.json",
     ".pth.tar",
+    ".msgpack",
+    ".h5",
+    ".onnx",
+    ".gguf",
+    ".npz",
+    ".ot",
 ];
 
 /// Whether `-o` names a directory: it ends with `/`, or is an existing directory.
@@ -29,21 +36,43 @@ pub fn is_dir_target(target: &Path) -> bool {
 }
 
 /// The weights file name that an output in a directory takes from the inputs: the weights
-/// file (or the sharded index's file stem) of the first input that is a model directory, else
-/// `<fallback>`.
-pub fn weights_name(inputs: &[PathBuf], fallback: &str) -> String {
-    inputs
+/// file (or the sharded index's file stem) of the first input that is a model directory, as
+/// safetensors (`pytorch_model.bin` becomes `model.safetensors`, which `from_pretrained`
+/// prefers), else `model.safetensors`.
+pub fn weights_name(inputs: &[PathBuf]) -> String {
+    let name = inputs
         .iter()
         .filter(|p| p.is_dir())
         .find_map(|d| crate::checkpoint::weights_of_dir(d).ok().flatten())
-        .unwrap_or_else(|| fallback.to_string())
+        .unwrap_or_else(|| "model.safetensors".to_string());
+    match name.as_str() {
+        "pytorch_model.bin" => "model.safetensors".into(),
+        "diffusion_pytorch_model.bin" => "diffusion_pytorch_model.safetensors".into(),
+        _ => name,
+    }
 }
 
-/// The files of `dir` copied beside an output: its regular files (or links to files inside
-/// it) that are neither weights nor training state, and none of `exclude`. A link leading
-/// outside `dir` is an error naming it.
+/// Refuses an output directory that is one of the inputs (its weights would be replaced by
+/// the average of themselves), whatever `--force` says.
+pub fn check_not_input(target: &Path, inputs: &[PathBuf]) -> Result<()> {
+    let Ok(real) = target.canonicalize() else {
+        return Ok(());
+    };
+    for i in inputs.iter().filter(|i| i.is_dir()) {
+        if i.canonicalize().ok().as_ref() == Some(&real) {
+            return Err(Error::Output {
+                path: target.to_path_buf(),
+                what: "is an input directory: write the average to another directory".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The files of `dir` copied beside an output: its regular files (or links to regular files,
+/// as in the Hugging Face hub's cache, whose snapshot files link to its blobs) that are neither
+/// weights nor training state, and none of `exclude`. A dangling link is left out.
 pub fn companions(dir: &Path, exclude: &[&Path]) -> Result<Vec<PathBuf>> {
-    let real_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
     let mut out = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     for e in entries {
@@ -61,25 +90,11 @@ pub fn companions(dir: &Path, exclude: &[&Path]) -> Result<Vec<PathBuf>> {
         if same(&path) {
             continue;
         }
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
-        if meta.file_type().is_symlink() {
-            let real = path.canonicalize().map_err(|e| Error::io(&path, e))?;
-            if !real.starts_with(&real_dir) {
-                return Err(Error::format(
-                    &path,
-                    format!(
-                        "is a link to {}, outside {}: not copied beside the output (copy the \
-                         directory with its files first)",
-                        real.display(),
-                        dir.display()
-                    ),
-                ));
-            }
-            if !real.is_file() {
-                continue;
-            }
-        } else if !meta.is_file() {
-            continue;
+        // Through links: the copy reads what the link leads to, and replaces (never writes
+        // through) whatever is at the target.
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => {}
+            _ => continue,
         }
         out.push(path);
     }

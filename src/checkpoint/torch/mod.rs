@@ -252,4 +252,20 @@ mod tests {
             assert!(t.elapsed().as_secs() < 2);
         }
     }
+
+    #[test]
+    fn fuzz_regression_file_content_in_a_message_stays_on_one_line() {
+        // Found by the torch_legacy target: a byte order record holding a newline.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.pkl");
+        std::fs::write(
+            &path,
+            include_bytes!("../../../fuzz/regressions/torch-legacy-newline-in-byteorder.pkl"),
+        )
+        .unwrap();
+        let e = crate::checkpoint::Checkpoint::open(&path, crate::checkpoint::Open::Readable)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("byte order") && !e.contains('\n'), "{e}");
+    }
 }
