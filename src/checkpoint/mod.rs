@@ -10,6 +10,7 @@
 //! The formats (`docs/formats.md`): `safetensors` files, `sharded` checkpoints (an index
 //! and its shards) and PyTorch zip checkpoints (`torch`).
 
+pub(crate) mod dcp;
 pub mod mapped;
 pub(crate) mod safetensors;
 pub(crate) mod sharded;
@@ -41,6 +42,8 @@ pub enum Format {
     TorchLegacy,
     /// A plain pickle whose tensors embed their storages (`pickle.dump` of tensors, EDM2).
     Pickle,
+    /// A torch distributed checkpoint: a directory with `.metadata` and `*.distcp` files.
+    Dcp,
 }
 
 impl Format {
@@ -52,6 +55,7 @@ impl Format {
             Format::Torch => "torch",
             Format::TorchLegacy => "torch-legacy",
             Format::Pickle => "pickle",
+            Format::Dcp => "dcp",
         }
     }
 }
@@ -230,6 +234,10 @@ impl Checkpoint {
     /// the index file itself), or a model directory holding one weights file.
     pub fn open(path: &Path, how: Open) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() && dcp::is_dcp(path) {
+            let found = dcp::open(path, how)?;
+            return Checkpoint::new(path, found.format, found);
+        }
         if meta.is_dir() {
             if let Some(w) = single_weights(path)? {
                 let found = open_file(&w, how)?;

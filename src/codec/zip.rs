@@ -28,6 +28,9 @@ const LOCAL_LEN: u64 = 30;
 #[derive(Clone, Copy, Debug)]
 pub enum Source<'a> {
     File(&'a File, u64),
+    /// The bytes `base .. base + len` of a file, as an archive of their own (the chunks of a
+    /// DCP checkpoint): offsets count from `base`.
+    Part(&'a File, u64, u64),
     Bytes(&'a [u8]),
 }
 
@@ -35,7 +38,7 @@ impl Source<'_> {
     /// Length in bytes.
     pub fn len(&self) -> u64 {
         match self {
-            Source::File(_, len) => *len,
+            Source::File(_, len) | Source::Part(_, _, len) => *len,
             Source::Bytes(b) => b.len() as u64,
         }
     }
@@ -59,6 +62,7 @@ impl Source<'_> {
             })?;
         match self {
             Source::File(f, _) => f.read_exact_at(buf, off).map_err(|e| e.to_string()),
+            Source::Part(f, base, _) => f.read_exact_at(buf, base + off).map_err(|e| e.to_string()),
             Source::Bytes(b) => {
                 buf.copy_from_slice(&b[off as usize..end as usize]);
                 Ok(())

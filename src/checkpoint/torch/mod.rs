@@ -212,6 +212,47 @@ pub(crate) fn flatten_pickle_bytes(bytes: &[u8]) -> Result<Vec<TorchTensor>> {
     Ok(flatten::flatten(&p, path, Any)?.tensors)
 }
 
+/// The one tensor of the `torch.save` zip lying at `base .. base + len` of `file` (a chunk
+/// of a DCP checkpoint): its view, and the offset in `file` of its first element.
+pub(crate) fn chunk_at(
+    file: &std::fs::File,
+    base: u64,
+    len: u64,
+    path: &Path,
+) -> Result<(TorchTensor, u64)> {
+    let a = Archive::read(&zip::Source::Part(file, base, len), path)?;
+    let [t] = a.tensors.as_slice() else {
+        return Err(Error::format(
+            path,
+            format!(
+                "the record at byte {base} holds {} tensors, where a chunk holds one",
+                a.tensors.len()
+            ),
+        ));
+    };
+    let s = &a.storages[t.storage];
+    let at = base + s.data_offset + t.storage_offset * t.dtype.size() as u64;
+    Ok((t.clone(), at))
+}
+
+/// What the `torch.save` zip at `base .. base + len` of `file` holds besides tensors (a
+/// non-tensor entry of a DCP checkpoint): its plain values as metadata and its other objects
+/// as skipped entries, under flat names relative to it (`""` for the value itself, `0`, `1`
+/// for the items of a tuple), and how many tensors it holds.
+pub(crate) fn object_at(
+    file: &std::fs::File,
+    base: u64,
+    len: u64,
+    path: &Path,
+) -> Result<(
+    std::collections::BTreeMap<String, String>,
+    Vec<super::Skipped>,
+    usize,
+)> {
+    let a = Archive::read(&zip::Source::Part(file, base, len), path)?;
+    Ok((a.metadata, a.skipped, a.tensors.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

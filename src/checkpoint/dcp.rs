@@ -1,0 +1,679 @@
+//! Torch distributed checkpoints (DCP, `docs/dcp-format.md`): a directory holding a `.metadata`
+//! pickle and the `*.distcp` files of the ranks, as `torch.distributed.checkpoint.save` writes
+//! them (torchtitan, FSDP2).
+//!
+//! `.metadata` is run through the restricted pickle machine: only the classes of
+//! `torch.distributed.checkpoint.metadata` (and `filesystem._StorageInfo`, `torch.Size`, the
+//! dtypes) are understood, by name, and nothing is imported or called. Each tensor entry gives
+//! the global shape, the dtype and the chunks (boxes of the global tensor, one per rank that
+//! holds a part); `storage_data` gives where each chunk lies: a byte range of a `.distcp` file
+//! that is a whole `torch.save` zip of the chunk, read with the `.pth` rules.
+//!
+//! A tensor stored as one chunk is read in place. A tensor split into chunks is assembled,
+//! chunk by chunk through a bounded buffer, into an anonymous temporary file when the
+//! checkpoint is opened readable, never in memory. Non-tensor entries (`BytesStorageMetadata`)
+//! that hold a plain number, string or bool become metadata (the `step`); the others are listed
+//! as skipped.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::torch::{chunk_at, object_at};
+use super::{DataFile, Format, Found, Open, Skipped};
+use crate::codec::pickle::{self, Id, Pickle, Value};
+use crate::codec::{DType, TensorInfo};
+use crate::error::{Error, Result};
+
+/// Largest `.metadata` read (it is read whole).
+const MAX_METADATA: u64 = 256 << 20;
+/// Largest non-tensor entry read for its value.
+const MAX_BYTES_ITEM: u64 = 1 << 20;
+/// Buffer of the assembly of a chunked tensor.
+const COPY_BUFFER: usize = 8 << 20;
+/// The module of DCP's metadata classes.
+const METADATA: &str = "torch.distributed.checkpoint.metadata";
+
+/// The step entries of a DCP checkpoint, in order of preference (torchtitan's `train_state`).
+pub const DCP_STEP_KEYS: [&str; 3] = ["step", "train_state.step", "trainer.step"];
+
+/// Whether `dir` is a DCP checkpoint: it holds `.metadata`.
+pub(crate) fn is_dcp(dir: &Path) -> bool {
+    dir.join(".metadata").is_file()
+}
+
+/// One chunk of a tensor: its box in the global tensor, and where its bytes are.
+struct Chunk {
+    offsets: Vec<u64>,
+    sizes: Vec<u64>,
+    /// `(relative path, offset, length)` of its `torch.save` zip.
+    at: (String, u64, u64),
+}
+
+/// One entry of `state_dict_metadata`.
+enum Entry {
+    Tensor {
+        fqn: String,
+        dtype: DType,
+        shape: Vec<u64>,
+        chunks: Vec<Chunk>,
+    },
+    Bytes {
+        fqn: String,
+        at: (String, u64, u64),
+    },
+}
+
+/// Opens the DCP checkpoint in `dir`.
+pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
+    let meta_path = dir.join(".metadata");
+    let (file, m) = super::open_regular(&meta_path)?;
+    if m.len() > MAX_METADATA {
+        return Err(Error::format(
+            &meta_path,
+            format!(
+                "{} bytes exceeds the {MAX_METADATA}-byte limit of a .metadata",
+                m.len()
+            ),
+        ));
+    }
+    let mut bytes = vec![0u8; m.len() as usize];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(|e| Error::io(&meta_path, e))?;
+    let p = Pickle::parse(&bytes, &pickle::LIMITS)
+        .map_err(|e| Error::format(&meta_path, format!("malformed pickle: {e}")))?;
+    let entries = parse(&p).map_err(|e| Error::format(&meta_path, e))?;
+
+    // The files, each opened once: names inside the directory only.
+    let real_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+    let mut files = Files {
+        dir,
+        real_dir,
+        meta_path: &meta_path,
+        files: Vec::new(),
+        file_of: HashMap::new(),
+    };
+    let mut tensors = Vec::new();
+    let mut metadata = std::collections::BTreeMap::new();
+    let mut skipped = Vec::new();
+    let mut header_only = false;
+    let mut pending: Vec<(usize, Vec<(usize, u64, u64)>)> = Vec::new();
+    for e in &entries {
+        match e {
+            Entry::Bytes { fqn, at } => {
+                let (i, off, len) = files.locate(at, &format!("entry `{fqn}`"))?;
+                let f = &files.files[i];
+                if len > MAX_BYTES_ITEM {
+                    skipped.push(Skipped {
+                        name: fqn.clone(),
+                        kind: format!("bytes entry ({len} bytes)"),
+                    });
+                    continue;
+                }
+                let (values, others, n) = object_at(f.file(), off, len, f.path())?;
+                let under = |k: &str| {
+                    if k.is_empty() {
+                        fqn.clone()
+                    } else {
+                        format!("{fqn}.{k}")
+                    }
+                };
+                for (k, v) in values {
+                    metadata.insert(under(&k), v);
+                }
+                for s in others {
+                    skipped.push(Skipped {
+                        name: under(&s.name),
+                        kind: s.kind,
+                    });
+                }
+                if n > 0 {
+                    skipped.push(Skipped {
+                        name: fqn.clone(),
+                        kind: format!("bytes entry holding {n} tensors"),
+                    });
+                }
+            }
+            Entry::Tensor {
+                fqn,
+                dtype,
+                shape,
+                chunks,
+            } => {
+                let numel: u64 = shape.iter().product();
+                let len = numel
+                    .checked_mul(dtype.size() as u64)
+                    .ok_or_else(|| Error::tensor(&meta_path, fqn, "is too large"))?;
+                let mut places = Vec::with_capacity(chunks.len());
+                for c in chunks {
+                    places.push(files.locate(&c.at, &format!("chunk of `{fqn}`"))?);
+                }
+                tensors.push(TensorInfo {
+                    name: fqn.clone(),
+                    dtype: *dtype,
+                    shape: shape.iter().map(|&d| d as usize).collect(),
+                    file: 0,
+                    offset: 0,
+                    len,
+                    view: None,
+                });
+                pending.push((tensors.len() - 1, places));
+            }
+        }
+    }
+    let mut files = files.files;
+    if how == Open::HeaderOnly {
+        // Only `.metadata` was read: the chunks' own headers are not.
+        header_only = !tensors.is_empty();
+    } else {
+        let mut spill: Option<DataFile> = None;
+        let mut blobs: HashMap<(usize, u64), Vec<TensorInfo>> = HashMap::new();
+        let mut k = 0;
+        for e in &entries {
+            let Entry::Tensor {
+                fqn, shape, chunks, ..
+            } = e
+            else {
+                continue;
+            };
+            let (ti, places) = &pending[k];
+            k += 1;
+            let t = &mut tensors[*ti];
+            let whole = chunks.len() == 1 && chunks[0].sizes == *shape;
+            let mut located = Vec::with_capacity(chunks.len());
+            for (c, &(fi, off, len)) in chunks.iter().zip(places) {
+                let f = &files[fi];
+                let sizes: Vec<usize> = c.sizes.iter().map(|&d| d as usize).collect();
+                let (dtype, shape, stride, data) = if is_zip_at(f, off)? {
+                    let (local, data) = chunk_at(f.file(), off, len, f.path())?;
+                    (local.dtype, local.shape.clone(), local.stride.clone(), data)
+                } else {
+                    // SerializationFormat.SAFETENSORS: the range starts a safetensors file of
+                    // the rank's chunks, which runs to the end of the `.distcp` file.
+                    let header = match blobs.entry((fi, off)) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(safetensors_at(f, off)?)
+                        }
+                    };
+                    let s = header.iter().find(|s| s.name == *fqn).ok_or_else(|| {
+                        Error::tensor(
+                            f.path(),
+                            fqn,
+                            "is not in the safetensors data its chunk names",
+                        )
+                    })?;
+                    if s.len != len {
+                        return Err(Error::tensor(
+                            f.path(),
+                            fqn,
+                            format!("its chunk is {} bytes, where .metadata says {len}", s.len),
+                        ));
+                    }
+                    (
+                        s.dtype,
+                        s.shape.clone(),
+                        row_major(&s.shape),
+                        off + s.offset,
+                    )
+                };
+                if dtype != t.dtype || shape != sizes {
+                    return Err(Error::tensor(
+                        f.path(),
+                        fqn,
+                        format!(
+                            "a chunk holds {dtype} {shape:?}, where .metadata says {} {sizes:?}",
+                            t.dtype
+                        ),
+                    ));
+                }
+                let rm = row_major(&shape);
+                let contiguous = shape.contains(&0)
+                    || (0..shape.len()).all(|d| shape[d] == 1 || stride[d] == rm[d]);
+                located.push((fi, data, stride, contiguous));
+            }
+            if whole && located[0].3 {
+                t.file = located[0].0;
+                t.offset = located[0].1;
+                continue;
+            }
+            let sp = match &mut spill {
+                Some(sp) => sp,
+                None => {
+                    let file = tempfile::tempfile().map_err(|e| Error::io(dir, e))?;
+                    spill.insert(DataFile::scratch(dir, file))
+                }
+            };
+            let at = sp.len;
+            sp.file.set_len(at + t.len).map_err(|e| Error::io(dir, e))?;
+            for (c, (fi, data, stride, _)) in chunks.iter().zip(&located) {
+                assemble(&files[*fi], *data, stride, c, shape, t.dtype, &sp.file, at).map_err(
+                    |e| match e {
+                        Error::Io { path, source } => Error::tensor(path, fqn, source.to_string()),
+                        e => e,
+                    },
+                )?;
+            }
+            sp.len += t.len;
+            t.file = usize::MAX; // the spill, numbered below
+            t.offset = at;
+        }
+        if let Some(mut sp) = spill {
+            sp.seal()?;
+            let n = files.len();
+            for t in tensors.iter_mut().filter(|t| t.file == usize::MAX) {
+                t.file = n;
+            }
+            (&sp.file).flush().map_err(|e| Error::io(dir, e))?;
+            files.push(sp);
+        }
+    }
+    Ok(Found {
+        format: Format::Dcp,
+        files,
+        tensors,
+        metadata,
+        skipped,
+        step_keys: &DCP_STEP_KEYS,
+        torch: None,
+        header_only,
+    })
+}
+
+/// The `.distcp` files of a checkpoint, each opened once, as its entries name them.
+struct Files<'a> {
+    dir: &'a Path,
+    real_dir: std::path::PathBuf,
+    meta_path: &'a Path,
+    files: Vec<DataFile>,
+    file_of: HashMap<String, usize>,
+}
+
+impl Files<'_> {
+    /// The file (opened on first use) and range of `at`, checked: a file of the directory
+    /// itself (no path, no link leading out), and a range inside it. `what` names it in errors.
+    fn locate(&mut self, at: &(String, u64, u64), what: &str) -> Result<(usize, u64, u64)> {
+        let (rel, off, len) = at;
+        let i = match self.file_of.get(rel) {
+            Some(&i) => i,
+            None => {
+                if rel.is_empty() || rel.contains(['/', '\\']) || rel.starts_with('.') {
+                    return Err(Error::format(
+                        self.meta_path,
+                        format!(
+                            "{what} lies in `{rel}`, outside the checkpoint's directory (only its \
+                             own files are read)"
+                        ),
+                    ));
+                }
+                let path = self.dir.join(rel);
+                let real = path.canonicalize().map_err(|e| Error::io(&path, e))?;
+                if real.parent() != Some(self.real_dir.as_path()) {
+                    return Err(Error::format(
+                        &path,
+                        format!("is a link leading outside {}", self.dir.display()),
+                    ));
+                }
+                self.files.push(DataFile::open(&path)?);
+                self.file_of.insert(rel.clone(), self.files.len() - 1);
+                self.files.len() - 1
+            }
+        };
+        let f = &self.files[i];
+        if off.checked_add(*len).is_none_or(|e| e > f.len()) {
+            return Err(Error::format(
+                f.path(),
+                format!(
+                    "{what}: bytes {off}..{} run past the end of the file ({} bytes; truncated?)",
+                    off.saturating_add(*len),
+                    f.len()
+                ),
+            ));
+        }
+        Ok((i, *off, *len))
+    }
+}
+
+/// Copies the chunk whose elements start at `data` of `from` (with the chunk's own `stride`)
+/// into its box `c` of the global tensor of `shape`, row-major at `base` of `to`, through a
+/// bounded buffer: whole runs where the chunk and the global tensor are both contiguous.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    from: &DataFile,
+    data: u64,
+    stride: &[usize],
+    c: &Chunk,
+    shape: &[u64],
+    dtype: DType,
+    to: &std::fs::File,
+    base: u64,
+) -> Result<()> {
+    let n = shape.len();
+    let size = dtype.size() as u64;
+    if c.sizes.contains(&0) {
+        return Ok(());
+    }
+    // Row-major strides of the global tensor, in elements.
+    let mut gstride = vec![1u64; n];
+    for d in (0..n.saturating_sub(1)).rev() {
+        gstride[d] = gstride[d + 1] * shape[d + 1];
+    }
+    // The run: elements copied at once, over the innermost dims [inner, n), where the chunk's
+    // elements are one run of its storage and the global tensor's one run too.
+    let mut run = 1u64;
+    let mut inner = n;
+    while inner > 0 {
+        let d = inner - 1;
+        if stride[d] as u64 != run && c.sizes[d] != 1 {
+            break;
+        }
+        run *= c.sizes[d];
+        inner = d;
+        if c.sizes[d] != shape[d] {
+            break;
+        }
+    }
+    let total = run * size;
+    let mut buf = vec![0u8; total.min(COPY_BUFFER as u64) as usize];
+    // Every index of the outer dims [0, inner).
+    let mut idx = vec![0u64; inner];
+    loop {
+        let mut src = 0u64;
+        let mut dst = 0u64;
+        for d in 0..n {
+            let i = if d < inner { idx[d] } else { 0 };
+            src += i * stride[d] as u64;
+            dst += (c.offsets[d] + i) * gstride[d];
+        }
+        let mut done = 0u64;
+        while done < total {
+            let k = (total - done).min(buf.len() as u64) as usize;
+            from.file()
+                .read_exact_at(&mut buf[..k], data + src * size + done)
+                .map_err(|e| Error::io(from.path(), e))?;
+            to.write_all_at(&buf[..k], base + dst * size + done)
+                .map_err(|e| Error::io(from.path(), e))?;
+            done += k as u64;
+        }
+        if !next(&mut idx, &c.sizes[..inner]) {
+            return Ok(());
+        }
+    }
+}
+
+/// Whether the bytes at `off` of `f` start a zip archive (a `torch.save` record).
+fn is_zip_at(f: &DataFile, off: u64) -> Result<bool> {
+    let mut magic = [0u8; 4];
+    let n = super::read_up_to(f.file(), off, &mut magic).map_err(|e| Error::io(f.path(), e))?;
+    Ok(crate::codec::zip::is_zip(&magic[..n]))
+}
+
+/// The tensors of the safetensors file starting at `off` of `f` and running to its end, with
+/// offsets in `f` counted from `off`.
+fn safetensors_at(f: &DataFile, off: u64) -> Result<Vec<TensorInfo>> {
+    let (tensors, _) = crate::codec::safetensors::validate(f.path(), f.len() - off, |at, buf| {
+        super::read_up_to(f.file(), off + at, buf)
+    })?;
+    Ok(tensors)
+}
+
+/// Row-major strides of `shape`, in elements.
+fn row_major(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        s[d] = s[d + 1] * shape[d + 1];
+    }
+    s
+}
+
+/// Steps the row-major index `idx` within `sizes`; false after the last.
+fn next(idx: &mut [u64], sizes: &[u64]) -> bool {
+    for d in (0..idx.len()).rev() {
+        idx[d] += 1;
+        if idx[d] < sizes[d] {
+            return true;
+        }
+        idx[d] = 0;
+    }
+    false
+}
+
+/// The entries of `.metadata`, in its order.
+fn parse(p: &Pickle) -> std::result::Result<Vec<Entry>, String> {
+    let root = object(p, p.root, METADATA, "Metadata")?;
+    let sdm = field(p, root, "state_dict_metadata")
+        .and_then(|v| dict(p, v))
+        .ok_or("its Metadata has no state_dict_metadata dict")?;
+    let storage = field(p, root, "storage_data")
+        .and_then(|v| dict(p, v))
+        .ok_or("its Metadata has no storage_data dict")?;
+    let mut index: HashMap<(String, Option<Vec<u64>>), (String, u64, u64)> =
+        HashMap::with_capacity(storage.len());
+    for &(k, v) in storage {
+        let key = object(p, k, METADATA, "MetadataIndex")?;
+        let fqn = field(p, key, "fqn")
+            .and_then(|f| p.str(f))
+            .ok_or("a MetadataIndex without an fqn")?
+            .to_string();
+        let offset = match field(p, key, "offset") {
+            None => None,
+            Some(o) if p.get(o) == &Value::None => None,
+            Some(o) => Some(size(p, o).ok_or_else(|| format!("`{fqn}`: a malformed offset"))?),
+        };
+        let info = object(
+            p,
+            v,
+            "torch.distributed.checkpoint.filesystem",
+            "_StorageInfo",
+        )?;
+        let num = |name: &str| {
+            field(p, info, name)
+                .and_then(|x| p.int(x))
+                .and_then(|x| u64::try_from(x).ok())
+                .ok_or_else(|| format!("`{fqn}`: its _StorageInfo has no {name}"))
+        };
+        let (offset_at, length) = (num("offset")?, num("length")?);
+        let rel = field(p, info, "relative_path")
+            .and_then(|x| p.str(x))
+            .ok_or_else(|| format!("`{fqn}`: its _StorageInfo has no relative_path"))?
+            .to_string();
+        if let Some(t) = field(p, info, "transform_descriptors") {
+            let names: Vec<&str> = p
+                .seq(t)
+                .map(|s| s.iter().filter_map(|&x| p.str(x)).collect())
+                .unwrap_or_default();
+            if !names.is_empty() {
+                return Err(format!(
+                    "`{fqn}` is stored through stream transforms ({}), which are not supported",
+                    names.join(", ")
+                ));
+            }
+        }
+        index.insert((fqn, offset), (rel, offset_at, length));
+    }
+    let mut out = Vec::with_capacity(sdm.len());
+    for &(k, v) in sdm {
+        let fqn = p
+            .str(k)
+            .ok_or("a state_dict_metadata key that is not a string")?;
+        let Value::Call(c) = p.get(v) else {
+            return Err(format!("`{fqn}`: its metadata is not an object"));
+        };
+        let g = p
+            .global(c.func)
+            .ok_or_else(|| format!("`{fqn}`: not an object"))?;
+        if g.is(METADATA, "BytesStorageMetadata") {
+            let at = index
+                .get(&(fqn.to_string(), None))
+                .cloned()
+                .ok_or_else(|| format!("`{fqn}` has no entry in storage_data"))?;
+            out.push(Entry::Bytes {
+                fqn: fqn.to_string(),
+                at,
+            });
+            continue;
+        }
+        let t = object(p, v, METADATA, "TensorStorageMetadata")?;
+        let shape = field(p, t, "size")
+            .and_then(|s| size(p, s))
+            .ok_or_else(|| format!("`{fqn}`: no size"))?;
+        let dtype = field(p, t, "properties")
+            .and_then(|x| dtype_of(p, x))
+            .ok_or_else(|| format!("`{fqn}`: no dtype (or one that is not supported)"))?;
+        let chunk_ids = field(p, t, "chunks")
+            .and_then(|c| p.seq(c))
+            .ok_or_else(|| format!("`{fqn}`: no chunks"))?;
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| format!("`{fqn}`: its shape {shape:?} is too large"))?;
+        let mut chunks = Vec::with_capacity(chunk_ids.len());
+        let mut volume = 0u64;
+        for &cid in chunk_ids {
+            let ch = object(p, cid, METADATA, "ChunkStorageMetadata")?;
+            let offsets = field(p, ch, "offsets").and_then(|x| size(p, x));
+            let sizes = field(p, ch, "sizes").and_then(|x| size(p, x));
+            let (Some(offsets), Some(sizes)) = (offsets, sizes) else {
+                return Err(format!("`{fqn}`: a chunk without offsets and sizes"));
+            };
+            if offsets.len() != shape.len()
+                || sizes.len() != shape.len()
+                || offsets
+                    .iter()
+                    .zip(&sizes)
+                    .zip(&shape)
+                    .any(|((&o, &s), &d)| o.checked_add(s).is_none_or(|e| e > d))
+            {
+                return Err(format!(
+                    "`{fqn}`: the chunk at {offsets:?} of sizes {sizes:?} is outside its shape \
+                     {shape:?}"
+                ));
+            }
+            volume += sizes.iter().product::<u64>();
+            let at = index
+                .get(&(fqn.to_string(), Some(offsets.clone())))
+                .cloned()
+                .ok_or_else(|| {
+                    format!("`{fqn}`: the chunk at {offsets:?} is not in storage_data")
+                })?;
+            chunks.push(Chunk { offsets, sizes, at });
+        }
+        // In bounds, and no two overlapping: then covering every element is their volume.
+        for (i, a) in chunks.iter().enumerate() {
+            for b in &chunks[i + 1..] {
+                let meet = (0..shape.len()).all(|d| {
+                    a.offsets[d] < b.offsets[d] + b.sizes[d]
+                        && b.offsets[d] < a.offsets[d] + a.sizes[d]
+                });
+                if meet && !a.sizes.contains(&0) && !b.sizes.contains(&0) {
+                    return Err(format!(
+                        "`{fqn}`: the chunks at {:?} and {:?} overlap",
+                        a.offsets, b.offsets
+                    ));
+                }
+            }
+        }
+        if volume != numel {
+            return Err(format!(
+                "`{fqn}`: its chunks hold {volume} of its {numel} elements"
+            ));
+        }
+        out.push(Entry::Tensor {
+            fqn: fqn.to_string(),
+            dtype,
+            shape,
+            chunks,
+        });
+    }
+    Ok(out)
+}
+
+/// The state (`BUILD` dict) of an object of class `module.name`; an error naming what it is
+/// otherwise. An object without state (`BytesStorageMetadata`) has an empty one.
+fn object<'p>(
+    p: &'p Pickle,
+    id: Id,
+    module: &str,
+    name: &str,
+) -> std::result::Result<&'p [(Id, Id)], String> {
+    let Value::Call(c) = p.get(id) else {
+        return Err(format!(
+            "not a DCP .metadata: a {} where a {name} should be",
+            p.get(id).type_name()
+        ));
+    };
+    match p.global(c.func) {
+        Some(g) if g.is(module, name) => {}
+        Some(g) => {
+            return Err(format!(
+                "not a DCP .metadata: `{}` is not allowed where a {name} should be (nothing in \
+                 it was run)",
+                g.dotted()
+            ))
+        }
+        None => {
+            return Err(format!(
+                "not a DCP .metadata: no class where a {name} should be"
+            ))
+        }
+    }
+    Ok(match c.state {
+        Some(s) => dict(p, s).unwrap_or(&[]),
+        None => &[],
+    })
+}
+
+/// The entries of a dict.
+fn dict(p: &Pickle, id: Id) -> Option<&[(Id, Id)]> {
+    match p.get(id) {
+        Value::Dict(e) => Some(e),
+        Value::Call(c) if !c.entries.is_empty() => Some(&c.entries),
+        _ => None,
+    }
+}
+
+/// Field `name` of an object's state.
+fn field(p: &Pickle, state: &[(Id, Id)], name: &str) -> Option<Id> {
+    state
+        .iter()
+        .find(|&&(k, _)| p.str(k) == Some(name))
+        .map(|&(_, v)| v)
+}
+
+/// A `torch.Size((d0, d1, ...))`, or a plain tuple or list of non-negative integers.
+fn size(p: &Pickle, id: Id) -> Option<Vec<u64>> {
+    let items = match p.get(id) {
+        Value::Call(c) if p.global(c.func).is_some_and(|g| g.is("torch", "Size")) => {
+            let args = p.seq(c.args)?;
+            p.seq(*args.first()?)?
+        }
+        Value::Tuple(t) | Value::List(t) => t,
+        _ => return None,
+    };
+    items
+        .iter()
+        .map(|&x| p.int(x).and_then(|v| u64::try_from(v).ok()))
+        .collect()
+}
+
+/// The dtype of a `TensorProperties` (its state is a tuple with the dtype first, or a dict).
+fn dtype_of(p: &Pickle, id: Id) -> Option<DType> {
+    let Value::Call(c) = p.get(id) else {
+        return None;
+    };
+    let g = p.global(c.func)?;
+    if !g.is(METADATA, "TensorProperties") {
+        return None;
+    }
+    let state = c.state?;
+    let d = match p.get(state) {
+        Value::Tuple(t) => *t.first()?,
+        _ => field(p, dict(p, state)?, "dtype")?,
+    };
+    let g = p.global(d)?;
+    if &*g.module != "torch" {
+        return None;
+    }
+    DType::from_torch_name(&g.name)
+}

@@ -1,0 +1,192 @@
+//! Torch distributed checkpoints end to end (`fixtures/dcp/`, made by `fixtures/gen_dcp.py`
+//! with torch's own `dcp.save`, in one process and in a 2-rank FSDP2 run): every tensor as
+//! torch's `dcp_to_torch_save` gives it, bit for bit; folds against references computed from
+//! the state dicts torch loads back; hostile, escaping and truncated checkpoints refused.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::run_in;
+use ema_tool::checkpoint::{Checkpoint, Open};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    common::fixtures().join("dcp")
+}
+
+fn cases() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("cases.json")).unwrap()).unwrap()
+}
+
+fn fx(rel: &str) -> String {
+    root().join(rel).to_string_lossy().into_owned()
+}
+
+fn run(args: &[&str]) -> Output {
+    run_in(&root(), args)
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "ema-tool {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn tensors(path: &str) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let c = Checkpoint::open(Path::new(path), Open::Readable).unwrap_or_else(|e| panic!("{e}"));
+    c.tensors()
+        .iter()
+        .map(|t| {
+            let mut b = vec![0u8; t.len as usize];
+            c.read_at(t, 0, &mut b).unwrap();
+            (t.name.clone(), (t.dtype.to_string(), t.shape.clone(), b))
+        })
+        .collect()
+}
+
+#[test]
+fn every_checkpoint_reads_as_torch_loads_it() {
+    let cases = cases();
+    for c in cases["checkpoints"].as_array().unwrap() {
+        let dir = fx(c["dir"].as_str().unwrap());
+        let got = tensors(&dir);
+        let want = tensors(&fx(c["expected"].as_str().unwrap()));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{dir}"
+        );
+        for (name, t) in &got {
+            assert_eq!(t, &want[name], "{dir}: tensor `{name}`");
+        }
+        assert_eq!(got.len() as u64, c["tensors"].as_u64().unwrap(), "{dir}");
+        let v: Value = serde_json::from_str(&ok(&["inspect", "--json", &dir])).unwrap();
+        let f = &v["files"][0];
+        assert_eq!(f["step"], c["step"], "{dir}: step");
+        if Path::new(&dir).join(".metadata").exists() {
+            assert_eq!(f["format"], "dcp", "{dir}");
+        }
+    }
+}
+
+#[test]
+fn chunks_from_two_ranks_are_assembled() {
+    // FSDP2 Shard(0) over 2 ranks: 11 rows as 6 + 5, and a 1-row tensor with an empty chunk.
+    let dir = fx("ranks2/step-300");
+    let c = Checkpoint::open(Path::new(&dir), Open::Readable).unwrap();
+    assert_eq!(c.format().name(), "dcp");
+    let ranks = c
+        .files()
+        .iter()
+        .filter(|f| f.path().to_string_lossy().ends_with(".distcp"))
+        .count();
+    assert_eq!(ranks, 2);
+    let t = c.get("tok.weight").expect("tok.weight");
+    assert_eq!(t.shape, [11, 6]);
+    // Inspect reads `.metadata` only: no chunk is opened.
+    let h = Checkpoint::open(Path::new(&dir), Open::HeaderOnly).unwrap();
+    assert_eq!(h.tensors().len(), c.tensors().len());
+}
+
+#[test]
+fn non_tensor_entries_are_metadata_or_listed() {
+    let v: Value = serde_json::from_str(&ok(&["inspect", "--json", &fx("edge/step-1")])).unwrap();
+    let f = &v["files"][0];
+    assert_eq!(f["metadata"]["step"], "1");
+    assert_eq!(f["metadata"]["name"], "edge-cases");
+    assert_eq!(f["metadata"]["betas.1"], "0.95");
+    let skipped: Vec<&str> = f["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(skipped.contains(&"blob"), "{skipped:?}");
+    // torchtitan's step lives in train_state.
+    let v: Value =
+        serde_json::from_str(&ok(&["inspect", "--json", &fx("ranks2/step-200")])).unwrap();
+    assert_eq!(v["files"][0]["step"], 200);
+    assert_eq!(
+        v["files"][0]["step_source"]["metadata"], "train_state.step",
+        "{}",
+        v["files"][0]["step_source"]
+    );
+}
+
+#[test]
+fn folds_equal_the_references() {
+    let cases = cases();
+    let d = tempfile::tempdir().unwrap();
+    for c in cases["folds"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        let o = d.path().join(format!("{name}.safetensors"));
+        let mut args: Vec<String> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect();
+        args.extend(
+            c["inputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| fx(x.as_str().unwrap())),
+        );
+        args.extend(["-o".into(), o.to_string_lossy().into_owned()]);
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let (got, _) = common::load(&o);
+        let (want, _) = common::load(&root().join(c["expected"].as_str().unwrap()));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
+        for (k, g) in &got {
+            let w = &want[k];
+            assert_eq!(g.shape, w.shape, "{name}: {k}");
+            if let Err(e) = common::close(k, &g.dtype, &g.values(), &w.values()) {
+                panic!("{name}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_checkpoints_fail_cleanly_and_run_nothing() {
+    let cases = cases();
+    let marker = Path::new(cases["marker"].as_str().unwrap());
+    let _ = std::fs::remove_file(marker);
+    let d = tempfile::tempdir().unwrap();
+    for c in cases["bad"].as_array().unwrap() {
+        let dir = fx(c["dir"].as_str().unwrap());
+        let fragment = c["error"].as_str().unwrap();
+        let o = d.path().join("out.safetensors");
+        for args in [
+            vec!["swa", dir.as_str(), "-o", o.to_str().unwrap()],
+            vec!["inspect", dir.as_str()],
+        ] {
+            let out = run(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            if args[0] == "inspect" && out.status.success() {
+                // Headers only: a damaged chunk is found when it is read.
+                continue;
+            }
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+            assert!(
+                err.starts_with("ema-tool: ") && err.trim_end().lines().count() == 1,
+                "{err}"
+            );
+            assert!(err.contains(fragment), "{dir}: `{fragment}` not in {err}");
+            assert!(!o.exists(), "{dir}: an output was written");
+        }
+        assert!(!marker.exists(), "{dir} ran code");
+    }
+}
