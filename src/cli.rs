@@ -120,6 +120,13 @@ pub struct OutputArgs {
     #[arg(short, long)]
     pub force: bool,
 
+    /// The output's format: `safetensors` (the default; a PyTorch state dict by the output's
+    /// extension), or `dcp`, a torch distributed checkpoint directory `-o DIR` that
+    /// `torch.distributed.checkpoint.load` reads back into the state dict's structure (for
+    /// `ema`, `swa` and `posthoc`).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<OutFormat>,
+
     /// Dtype of floating-point output tensors (default: each tensor's input dtype).
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<OutDType>,
@@ -135,6 +142,13 @@ pub struct OutputArgs {
     /// Fail if any input or output value of a float tensor is NaN or infinite.
     #[arg(long)]
     pub check_finite: bool,
+}
+
+/// The formats of `--format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutFormat {
+    Safetensors,
+    Dcp,
 }
 
 /// Options shared by `ema` and `swa`.

@@ -190,3 +190,135 @@ fn bad_checkpoints_fail_cleanly_and_run_nothing() {
         assert!(!marker.exists(), "{dir} ran code");
     }
 }
+
+/// Runs `args` twice, writing `-o DIR --format dcp` and `-o DIR.safetensors`; returns both.
+fn both(d: &Path, name: &str, args: &[&str]) -> (String, String) {
+    let dir = d.join(name).to_string_lossy().into_owned();
+    let st = format!("{dir}.safetensors");
+    let mut a: Vec<&str> = args.to_vec();
+    a.extend(["-o", &dir, "--format", "dcp"]);
+    ok(&a);
+    let mut b: Vec<&str> = args.to_vec();
+    b.extend(["-o", &st]);
+    ok(&b);
+    (dir, st)
+}
+
+#[test]
+fn a_dcp_output_reads_back_as_the_same_fold() {
+    let d = tempfile::tempdir().unwrap();
+    let runs: [(&str, Vec<String>); 3] = [
+        (
+            "ranks2",
+            [
+                "swa",
+                "ranks2/step-100",
+                "ranks2/step-200",
+                "ranks2/step-300",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+        ("edge", ["swa", "edge/step-1"].map(String::from).to_vec()),
+        (
+            "model",
+            [
+                "swa",
+                "--include",
+                "model.*",
+                "single/step-100",
+                "single/step-300",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+    ];
+    for (name, args) in &runs {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.contains("step-") {
+                    fx(a)
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (dir, st) = both(d.path(), name, &refs);
+        let mut names = common::entries(Path::new(&dir));
+        names.sort();
+        assert_eq!(names, [".metadata", "__0_0.distcp"], "{name}");
+        let got = tensors(&dir);
+        let want = tensors(&st);
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
+        for (k, t) in &got {
+            assert_eq!(t, &want[k], "{name}: `{k}`");
+        }
+    }
+    // The non-tensor entries of the last input go along (the step, train_state), but those of
+    // a subtree left out (the optimizer's, under --include 'model.*').
+    let v: Value = serde_json::from_str(&ok(&[
+        "inspect",
+        "--json",
+        d.path().join("ranks2").to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(v["files"][0]["step"], 300);
+    assert_eq!(v["files"][0]["metadata"]["lr_scheduler.last_epoch"], "3");
+    let v: Value = serde_json::from_str(&ok(&[
+        "inspect",
+        "--json",
+        d.path().join("model").to_str().unwrap(),
+    ]))
+    .unwrap();
+    let meta = v["files"][0]["metadata"].as_object().unwrap();
+    assert!(meta.keys().all(|k| !k.starts_with("optim")), "{meta:?}");
+    assert_eq!(v["files"][0]["step"], 300);
+}
+
+#[test]
+fn a_dcp_output_is_checked_first_and_never_left_half_written() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let o = out.to_str().unwrap();
+    let inputs = [fx("single/step-100"), fx("single/step-200")];
+    // Without -o, or with shards: usage errors.
+    let e = run(&["swa", &inputs[0], "--format", "dcp"]);
+    assert_eq!(e.status.code(), Some(2));
+    // An existing directory needs --force.
+    std::fs::create_dir(&out).unwrap();
+    let e = run(&["swa", &inputs[0], &inputs[1], "-o", o, "--format", "dcp"]);
+    assert_eq!(
+        e.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+    ok(&[
+        "swa", &inputs[0], &inputs[1], "-o", o, "--format", "dcp", "--force",
+    ]);
+    // A failure (a truncated input) leaves no directory it made.
+    let fresh = d.path().join("fresh");
+    let e = run(&[
+        "swa",
+        &inputs[0],
+        &fx("bad/truncated"),
+        "-o",
+        fresh.to_str().unwrap(),
+        "--format",
+        "dcp",
+    ]);
+    assert_eq!(e.status.code(), Some(1));
+    assert!(!fresh.exists());
+    // An input directory is never the output.
+    let e = run(&[
+        "swa", &inputs[0], &inputs[1], "-o", &inputs[1], "--format", "dcp", "--force",
+    ]);
+    assert_eq!(e.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("input directory"));
+}

@@ -38,6 +38,29 @@ const METADATA: &str = "torch.distributed.checkpoint.metadata";
 /// The step entries of a DCP checkpoint, in order of preference (torchtitan's `train_state`).
 pub const DCP_STEP_KEYS: [&str; 3] = ["step", "train_state.step", "trainer.step"];
 
+/// One item of a planner-data path: a dict key or a list index.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum PathKey {
+    Key(String),
+    Index(u64),
+}
+
+/// What a DCP checkpoint adds to a checkpoint.
+#[derive(Clone, Debug, Default)]
+pub struct Parts {
+    /// The chunks of each tensor (in the checkpoint's tensor order).
+    pub chunks: Vec<usize>,
+    /// The `.distcp` files the chunks lie in.
+    pub files: Vec<String>,
+    /// `planner_data`: where each FQN sits in the nested state dict that was saved
+    /// (`("optim", "state", "fc.weight", "exp_avg")`), as `dcp_to_torch_save` rebuilds it.
+    pub planner: HashMap<String, Vec<PathKey>>,
+    /// The non-tensor entries: FQN, and the file (index among the checkpoint's files), offset
+    /// and length of their `torch.save` bytes, which a DCP output copies as they are.
+    pub bytes: Vec<(String, usize, u64, u64)>,
+}
+
 /// Whether `dir` is a DCP checkpoint: it holds `.metadata`.
 pub(crate) fn is_dcp(dir: &Path) -> bool {
     dir.join(".metadata").is_file()
@@ -84,6 +107,7 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
     let p = Pickle::parse(&bytes, &pickle::LIMITS)
         .map_err(|e| Error::format(&meta_path, format!("malformed pickle: {e}")))?;
     let entries = parse(&p).map_err(|e| Error::format(&meta_path, e))?;
+    let planner = planner_data(&p);
 
     // The files, each opened once: names inside the directory only.
     let real_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
@@ -99,10 +123,12 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
     let mut skipped = Vec::new();
     let mut header_only = false;
     let mut pending: Vec<(usize, Vec<(usize, u64, u64)>)> = Vec::new();
+    let mut bytes_entries = Vec::new();
     for e in &entries {
         match e {
             Entry::Bytes { fqn, at } => {
                 let (i, off, len) = files.locate(at, &format!("entry `{fqn}`"))?;
+                bytes_entries.push((fqn.clone(), i, off, len));
                 let f = &files.files[i];
                 if len > MAX_BYTES_ITEM {
                     skipped.push(Skipped {
@@ -162,6 +188,19 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
             }
         }
     }
+    let names: Vec<String> = {
+        let mut by_index: Vec<(&usize, &String)> =
+            files.file_of.iter().map(|(k, v)| (v, k)).collect();
+        by_index.sort();
+        by_index.into_iter().map(|(_, k)| k.clone()).collect()
+    };
+    let chunk_counts: Vec<usize> = entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Tensor { chunks, .. } => Some(chunks.len()),
+            Entry::Bytes { .. } => None,
+        })
+        .collect();
     let mut files = files.files;
     if how == Open::HeaderOnly {
         // Only `.metadata` was read: the chunks' own headers are not.
@@ -277,6 +316,12 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
         skipped,
         step_keys: &DCP_STEP_KEYS,
         torch: None,
+        dcp: Some(Box::new(Parts {
+            chunks: chunk_counts,
+            files: names,
+            planner,
+            bytes: bytes_entries,
+        })),
         header_only,
     })
 }
@@ -437,6 +482,34 @@ fn next(idx: &mut [u64], sizes: &[u64]) -> bool {
         idx[d] = 0;
     }
     false
+}
+
+/// `planner_data` of the Metadata, where it is well-formed (it only nests what is written).
+fn planner_data(p: &Pickle) -> HashMap<String, Vec<PathKey>> {
+    let mut out = HashMap::new();
+    let Ok(root) = object(p, p.root, METADATA, "Metadata") else {
+        return out;
+    };
+    let Some(entries) = field(p, root, "planner_data").and_then(|v| dict(p, v)) else {
+        return out;
+    };
+    for &(k, v) in entries {
+        let (Some(fqn), Some(items)) = (p.str(k), p.seq(v)) else {
+            continue;
+        };
+        let path: Option<Vec<PathKey>> = items
+            .iter()
+            .map(|&x| match p.get(x) {
+                Value::Str(s) => Some(PathKey::Key(s.to_string())),
+                Value::Int(i) => u64::try_from(*i).ok().map(PathKey::Index),
+                _ => None,
+            })
+            .collect();
+        if let Some(path) = path {
+            out.insert(fqn.to_string(), path);
+        }
+    }
+    out
 }
 
 /// The entries of `.metadata`, in its order.

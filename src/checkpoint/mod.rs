@@ -10,7 +10,7 @@
 //! The formats (`docs/formats.md`): `safetensors` files, `sharded` checkpoints (an index
 //! and its shards) and PyTorch zip checkpoints (`torch`).
 
-pub(crate) mod dcp;
+pub mod dcp;
 pub mod mapped;
 pub(crate) mod safetensors;
 pub(crate) mod sharded;
@@ -206,6 +206,7 @@ pub struct Checkpoint {
     skipped: Vec<Skipped>,
     step: Option<(u64, StepSource)>,
     torch: Option<Box<torch::Parts>>,
+    dcp: Option<Box<dcp::Parts>>,
     /// Opened with [`Open::HeaderOnly`] and some tensor needs more than the header to read.
     header_only: bool,
     index: NameIndex,
@@ -224,6 +225,8 @@ pub(crate) struct Found {
     pub step_keys: &'static [&'static str],
     /// What a PyTorch archive adds.
     pub torch: Option<Box<torch::Parts>>,
+    /// What a DCP checkpoint adds.
+    pub dcp: Option<Box<dcp::Parts>>,
     /// Some tensor cannot be read (see [`Open::HeaderOnly`]).
     pub header_only: bool,
 }
@@ -276,6 +279,7 @@ impl Checkpoint {
             skipped: found.skipped,
             step,
             torch: found.torch,
+            dcp: found.dcp,
             header_only: found.header_only,
             index,
             dir: false,
@@ -337,6 +341,11 @@ impl Checkpoint {
     }
 
     /// What a PyTorch archive adds: its top-level entries and storage records.
+    /// What a DCP checkpoint adds: chunks per tensor, its files, its planner data.
+    pub fn dcp(&self) -> Option<&dcp::Parts> {
+        self.dcp.as_deref()
+    }
+
     pub(crate) fn torch(&self) -> Option<&torch::Parts> {
         self.torch.as_deref()
     }

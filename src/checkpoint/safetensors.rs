@@ -20,6 +20,7 @@ pub(crate) fn open(path: &Path) -> Result<Found> {
         skipped: Vec::new(),
         step_keys: &SAFETENSORS_STEP_KEYS,
         torch: None,
+        dcp: None,
         header_only: false,
     })
 }

@@ -193,6 +193,7 @@ pub(crate) fn open(path: &Path, how: Open) -> Result<Checkpoint> {
             skipped,
             step_keys,
             torch: None,
+            dcp: None,
             header_only,
         },
     )?;

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::{create_writer, print_json, progress, provenance, set_threads, sweep_targets, varying};
 use crate::checkpoint::Checkpoint;
-use crate::cli::{FoldArgs, OutputArgs};
+use crate::cli::{FoldArgs, OutFormat, OutputArgs};
 use crate::error::Error;
 use crate::error::Result;
 use crate::fold::{self, Device};
@@ -29,6 +29,8 @@ pub struct Targets {
     pub dirs: Vec<Option<PathBuf>>,
     /// The directories created for the outputs (removed again, when empty, after a failure).
     pub created: Vec<PathBuf>,
+    /// The outputs are DCP directories (`--format dcp`): nothing is copied beside them.
+    pub dcp: bool,
 }
 
 /// The targets of `outputs` (`(name, text)` of their options' values) from `-o`, or by default
@@ -55,8 +57,33 @@ pub fn targets(
         files: Vec::new(),
         dirs: Vec::new(),
         created: Vec::new(),
+        dcp: out.format == Some(OutFormat::Dcp),
     };
+    let dcp = t.dcp;
+    if dcp && (out.output.is_none() || out.max_shard_size.is_some()) {
+        return Err(Error::usage(
+            "--format dcp writes a directory: give it with -o DIR (and no --max-shard-size)",
+        ));
+    }
     for target in sweep_targets(&template, values)? {
+        if dcp {
+            hf::check_not_input(&target, inputs)?;
+            if target.exists() && !target.is_dir() {
+                return Err(Error::Output {
+                    path: target,
+                    what: "is not a directory (--format dcp writes one)".into(),
+                });
+            }
+            if target.exists() && !out.force {
+                return Err(Error::Output {
+                    path: target,
+                    what: "already exists (use --force to replace its checkpoint)".into(),
+                });
+            }
+            t.files.push(target.clone());
+            t.dirs.push(Some(target));
+            continue;
+        }
         if hf::is_dir_target(&target) {
             hf::check_not_input(&target, inputs)?;
             t.files.push(target.join(hf::weights_name(inputs)));
@@ -92,6 +119,12 @@ pub fn targets(
         }
         let inputs: Vec<&Path> = protected.iter().map(PathBuf::as_path).collect();
         let checked = t.files.iter().try_for_each(|f| {
+            if dcp {
+                for name in [crate::output::dcp::DATA_FILE, ".metadata"] {
+                    check_target(&f.join(name), &inputs, out.force, rt)?;
+                }
+                return Ok(());
+            }
             check_target(f, &inputs, out.force, rt)?;
             check_output_kind(f, out.max_shard_size)
         });
@@ -124,7 +157,7 @@ impl Targets {
         let Some(src) = last.source_dir() else {
             return Ok(Vec::new());
         };
-        if self.dirs.iter().all(Option::is_none) {
+        if self.dcp || self.dirs.iter().all(Option::is_none) {
             return Ok(Vec::new());
         }
         let own: Vec<&Path> = last.files().iter().map(|f| f.path()).collect();

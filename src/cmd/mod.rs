@@ -15,7 +15,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use crate::cli::OutputArgs;
+use crate::cli::{OutFormat, OutputArgs};
 use crate::error::{Error, Result};
 use crate::fold::Progress;
 use crate::output::Writer;
@@ -95,6 +95,43 @@ pub fn create_writer(
     rt: &Runtime,
 ) -> Result<(Writer, PathBuf)> {
     let target = &plan.outputs[o].target;
+    if out.format == Some(OutFormat::Dcp) {
+        let specs = plan.specs();
+        // The nesting, and the non-tensor entries, of the last DCP input.
+        let empty = crate::checkpoint::dcp::Parts::default();
+        let last = plan.inputs.iter().rev().find(|c| c.dcp().is_some());
+        let parts = last.and_then(|c| c.dcp()).unwrap_or(&empty);
+        // A non-tensor entry goes with its subtree: kept unless every tensor of its top-level
+        // subtree was left out (`--include 'model.*'` leaves the optimizer's out).
+        let top = |n: &str| n.split('.').next().unwrap_or(n).to_string();
+        let written: std::collections::HashSet<String> =
+            specs.iter().map(|t| top(&t.name)).collect();
+        let mut extra = Vec::new();
+        if let Some(c) = last {
+            let with_tensors: std::collections::HashSet<String> =
+                c.tensors().iter().map(|t| top(&t.name)).collect();
+            for (fqn, file, off, len) in &parts.bytes {
+                let t = top(fqn);
+                if with_tensors.contains(&t) && !written.contains(&t) {
+                    continue;
+                }
+                let f = &c.files()[*file];
+                let mut raw = vec![0u8; *len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(f.file(), &mut raw, *off)
+                    .map_err(|e| Error::io(f.path(), e))?;
+                extra.push((fqn.clone(), raw));
+            }
+        }
+        let w = crate::output::dcp::DcpWriter::create(
+            target,
+            out.force,
+            &specs,
+            &extra,
+            &parts.planner,
+            rt,
+        )?;
+        return Ok((Writer::Dcp(w), target.clone()));
+    }
     let writer = Writer::create(
         target,
         out.force,

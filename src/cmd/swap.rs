@@ -33,6 +33,11 @@ pub fn run(args: &SwapArgs, rt: &Runtime) -> Result<()> {
     let output = args.out.output.clone().unwrap_or_else(|| {
         default_output(&args.input, if args.deploy { "deploy" } else { "swapped" })
     });
+    if args.out.format == Some(crate::cli::OutFormat::Dcp) {
+        return Err(Error::usage(
+            "swap writes safetensors or PyTorch files; --format dcp is for ema, swa and posthoc",
+        ));
+    }
     if crate::output::hf::is_dir_target(&output) {
         return Err(Error::usage(format!(
             "{}: swap writes one checkpoint file, not a model directory (`-o DIR/` is for ema, \

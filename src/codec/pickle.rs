@@ -1243,7 +1243,10 @@ pub mod write {
         }
     }
 
-    pub use super::{BINPERSID, EMPTY_TUPLE, NEWFALSE, REDUCE, SETITEMS, TUPLE};
+    pub use super::{
+        APPEND, BINPERSID, BUILD, EMPTY_DICT, EMPTY_LIST, EMPTY_TUPLE, NEWFALSE, NEWOBJ, NONE,
+        REDUCE, SETITEMS, TUPLE,
+    };
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! [`commit_all`] renames every file of every output together.
 
 pub mod atomic;
+pub mod dcp;
 pub mod hf;
 pub mod patch;
 pub mod pth;
@@ -90,6 +91,7 @@ pub enum Writer {
     Sharded(sharded::ShardedWriter),
     Pth(pth::PthWriter),
     Patch(PatchWriter),
+    Dcp(dcp::DcpWriter),
 }
 
 impl Writer {
@@ -127,6 +129,7 @@ impl Writer {
     pub fn display_path(&self, target: &Path) -> PathBuf {
         match self {
             Writer::Sharded(s) => s.index_path().to_path_buf(),
+            Writer::Dcp(d) => d.dir().to_path_buf(),
             _ => target.to_path_buf(),
         }
     }
@@ -139,6 +142,7 @@ impl Writer {
             Writer::Sharded(w) => w.write(tensor, off, bytes),
             Writer::Pth(w) => w.write(tensor, off, bytes),
             Writer::Patch(w) => w.write(tensor, off, bytes),
+            Writer::Dcp(w) => w.write(tensor, off, bytes),
         }
     }
 
@@ -148,7 +152,7 @@ impl Writer {
         match self {
             Writer::Safetensors(w) => w.write_batch(writes),
             Writer::Sharded(w) => w.write_batch(writes),
-            Writer::Pth(_) | Writer::Patch(_) => writes
+            Writer::Pth(_) | Writer::Patch(_) | Writer::Dcp(_) => writes
                 .iter()
                 .try_for_each(|&(t, off, b)| self.write(t, off, b)),
         }
@@ -171,6 +175,10 @@ impl Writer {
             Writer::Patch(w) => {
                 let n = w.total_bytes();
                 one(w.finish()?, n)
+            }
+            Writer::Dcp(w) => {
+                let n = w.total_bytes();
+                (w.finish()?, n)
             }
         })
     }

@@ -34,7 +34,7 @@ fn has_storage_class(d: DType) -> bool {
 }
 
 /// Row-major strides as torch computes them (sizes of 0 count as 1).
-fn contiguous_strides(shape: &[usize]) -> Vec<u64> {
+pub fn contiguous_strides(shape: &[usize]) -> Vec<u64> {
     let mut s = vec![1u64; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
         s[i] = s[i + 1] * shape[i + 1].max(1) as u64;
@@ -42,67 +42,84 @@ fn contiguous_strides(shape: &[usize]) -> Vec<u64> {
     s
 }
 
+/// `OrderedDict()`.
+fn ordered_dict(w: &mut PickleWriter) {
+    w.global("collections", "OrderedDict");
+    w.op(pw::EMPTY_TUPLE);
+    w.op(pw::REDUCE);
+}
+
+/// The rebuild call of tensor `t`, contiguous in storage record `key`, as `torch.save`
+/// pickles it.
+fn rebuild(w: &mut PickleWriter, t: &TensorSpec, key: &str) {
+    let legacy = has_storage_class(t.dtype);
+    w.global(
+        "torch._utils",
+        if legacy {
+            "_rebuild_tensor_v2"
+        } else {
+            "_rebuild_tensor_v3"
+        },
+    );
+    w.mark();
+    // The persistent id ('storage', storage_type, key, location, numel).
+    w.mark();
+    w.str("storage");
+    let numel: u64 = t.shape.iter().map(|&d| d as u64).product();
+    if legacy {
+        w.global("torch", t.dtype.torch_storage());
+        w.str(key);
+        w.str("cpu");
+        w.int(numel);
+    } else {
+        w.global("torch.storage", "UntypedStorage");
+        w.str(key);
+        w.str("cpu");
+        w.int(numel * t.dtype.size() as u64);
+    }
+    w.op(pw::TUPLE);
+    w.op(pw::BINPERSID);
+    w.int(0);
+    let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+    w.int_tuple(&shape);
+    w.int_tuple(&contiguous_strides(&t.shape));
+    w.op(pw::NEWFALSE);
+    ordered_dict(w);
+    if !legacy {
+        w.global("torch", t.dtype.torch_name());
+    }
+    w.op(pw::TUPLE);
+    w.op(pw::REDUCE);
+}
+
 /// The `data.pkl` of a state dict holding `tensors`, tensor `i` in storage record `i`.
 pub fn state_dict_pickle(tensors: &[TensorSpec]) -> Vec<u8> {
     let mut w = PickleWriter::new();
-    let ordered_dict = |w: &mut PickleWriter| {
-        w.global("collections", "OrderedDict");
-        w.op(pw::EMPTY_TUPLE);
-        w.op(pw::REDUCE);
-    };
     ordered_dict(&mut w);
     w.mark();
     for (i, t) in tensors.iter().enumerate() {
-        let legacy = has_storage_class(t.dtype);
         w.str(&t.name);
-        w.global(
-            "torch._utils",
-            if legacy {
-                "_rebuild_tensor_v2"
-            } else {
-                "_rebuild_tensor_v3"
-            },
-        );
-        w.mark();
-        // The persistent id ('storage', storage_type, key, location, numel).
-        w.mark();
-        w.str("storage");
-        let numel: u64 = t.shape.iter().map(|&d| d as u64).product();
-        if legacy {
-            w.global("torch", t.dtype.torch_storage());
-            w.str(&i.to_string());
-            w.str("cpu");
-            w.int(numel);
-        } else {
-            w.global("torch.storage", "UntypedStorage");
-            w.str(&i.to_string());
-            w.str("cpu");
-            w.int(numel * t.dtype.size() as u64);
-        }
-        w.op(pw::TUPLE);
-        w.op(pw::BINPERSID);
-        w.int(0);
-        let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
-        w.int_tuple(&shape);
-        w.int_tuple(&contiguous_strides(&t.shape));
-        w.op(pw::NEWFALSE);
-        ordered_dict(&mut w);
-        if !legacy {
-            w.global("torch", t.dtype.torch_name());
-        }
-        w.op(pw::TUPLE);
-        w.op(pw::REDUCE);
+        rebuild(&mut w, t, &i.to_string());
     }
     w.op(pw::SETITEMS);
     w.stop()
 }
 
+/// The `data.pkl` of `torch.save(tensor)`: tensor `t` alone, in storage record `0` (a chunk
+/// of a DCP checkpoint).
+pub fn tensor_pickle(t: &TensorSpec) -> Vec<u8> {
+    let mut w = PickleWriter::new();
+    rebuild(&mut w, t, "0");
+    w.stop()
+}
+
 /// CRCs of the chunks of one record, by offset.
 #[derive(Default)]
-struct Chunks(Mutex<Vec<(u64, u64, Hasher)>>);
+pub struct Chunks(Mutex<Vec<(u64, u64, Hasher)>>);
 
 impl Chunks {
-    fn add(&self, off: u64, bytes: &[u8]) {
+    /// Records the CRC of `bytes`, written at `off` of the record.
+    pub fn add(&self, off: u64, bytes: &[u8]) {
         let mut h = Hasher::new();
         h.update(bytes);
         let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -110,7 +127,7 @@ impl Chunks {
     }
 
     /// The CRC of the whole record, when the chunks cover exactly `size` bytes.
-    fn finish(self, size: u64) -> Option<u32> {
+    pub fn finish(self, size: u64) -> Option<u32> {
         let mut v = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
         v.sort_by_key(|c| c.0);
         let mut h = Hasher::new();

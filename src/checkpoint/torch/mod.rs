@@ -170,6 +170,7 @@ fn finish(df: DataFile, archive: Archive, how: Open, path: &Path, format: Format
         metadata,
         skipped,
         step_keys: &TORCH_STEP_KEYS,
+        dcp: None,
         torch: Some(Box::new(Parts {
             top,
             storages,
