@@ -22,3 +22,9 @@ pub fn pickle_names(bytes: &[u8]) -> Result<Vec<String>> {
     crate::checkpoint::torch::flatten_pickle_bytes(bytes)
         .map(|t| t.into_iter().map(|t| t.name).collect())
 }
+
+/// A DCP `.metadata` pickle, read as the DCP reader reads it (target `dcp_metadata`). Returns
+/// how many entries it describes.
+pub fn dcp_metadata(bytes: &[u8]) -> Result<usize> {
+    crate::checkpoint::dcp::parse_metadata_bytes(bytes)
+}

@@ -90,6 +90,21 @@ fn chunks_from_two_ranks_are_assembled() {
     assert_eq!(ranks, 2);
     let t = c.get("tok.weight").expect("tok.weight");
     assert_eq!(t.shape, [11, 6]);
+    // Shard(0) chunks are runs of the tensor: read in place, from both ranks' files.
+    let segs = t
+        .segments
+        .as_ref()
+        .expect("a tensor of two chunks has segments");
+    assert_eq!(segs.len(), 2);
+    assert_eq!(
+        (segs[0].start, segs[0].len, segs[1].start),
+        (0, 6 * 6 * 4, 6 * 6 * 4)
+    );
+    assert_ne!(segs[0].file, segs[1].file);
+    assert!(c.files().iter().all(|f| !f.is_scratch()), "nothing copied");
+    // A chunk saved with its own strides (a transposed tensor) is copied into place instead.
+    let e = Checkpoint::open(Path::new(&fx("edge/step-1")), Open::Readable).unwrap();
+    assert!(e.files().iter().any(|f| f.is_scratch()));
     // Inspect reads `.metadata` only: no chunk is opened.
     let h = Checkpoint::open(Path::new(&dir), Open::HeaderOnly).unwrap();
     assert_eq!(h.tensors().len(), c.tensors().len());

@@ -23,7 +23,7 @@ use std::path::Path;
 use super::torch::{chunk_at, object_at};
 use super::{DataFile, Format, Found, Open, Skipped};
 use crate::codec::pickle::{self, Id, Pickle, Value};
-use crate::codec::{DType, TensorInfo};
+use crate::codec::{DType, Segment, TensorInfo};
 use crate::error::{Error, Result};
 
 /// Largest `.metadata` read (it is read whole).
@@ -182,6 +182,7 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
                     file: 0,
                     offset: 0,
                     len,
+                    segments: None,
                     view: None,
                 });
                 pending.push((tensors.len() - 1, places));
@@ -275,6 +276,29 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
             if whole && located[0].3 {
                 t.file = located[0].0;
                 t.offset = located[0].1;
+                continue;
+            }
+            // Chunks that are each one run of the global tensor (FSDP2's Shard(0) shards):
+            // read in place, as the segments of the tensor.
+            let size = t.dtype.size() as u64;
+            let runs: Option<Vec<Segment>> = chunks
+                .iter()
+                .zip(&located)
+                .filter(|(c, _)| !c.sizes.contains(&0))
+                .map(|(c, (fi, data, stride, _))| {
+                    one_run(c, shape, stride).map(|dst| Segment {
+                        file: *fi,
+                        offset: *data,
+                        start: dst * size,
+                        len: c.sizes.iter().product::<u64>() * size,
+                    })
+                })
+                .collect();
+            if let Some(mut segs) = runs.filter(|s| !s.is_empty()) {
+                segs.sort_by_key(|s| s.start);
+                t.file = segs[0].file;
+                t.offset = segs[0].offset;
+                t.segments = Some(segs.into_boxed_slice());
                 continue;
             }
             let sp = match &mut spill {
@@ -472,6 +496,28 @@ fn row_major(shape: &[usize]) -> Vec<usize> {
     s
 }
 
+/// Where chunk `c` (elements with `stride`) starts in the global tensor of `shape`, in elements,
+/// when its elements are one run both in its storage and in the global tensor.
+fn one_run(c: &Chunk, shape: &[u64], stride: &[usize]) -> Option<u64> {
+    let n = shape.len();
+    let mut run = 1u64;
+    let mut global_full = true;
+    for d in (0..n).rev() {
+        if c.sizes[d] != 1 && (stride[d] as u64 != run || !global_full) {
+            return None;
+        }
+        run *= c.sizes[d];
+        global_full &= c.sizes[d] == shape[d];
+    }
+    let mut g = 1u64;
+    let mut dst = 0u64;
+    for d in (0..n).rev() {
+        dst += c.offsets[d] * g;
+        g *= shape[d];
+    }
+    Some(dst)
+}
+
 /// Steps the row-major index `idx` within `sizes`; false after the last.
 fn next(idx: &mut [u64], sizes: &[u64]) -> bool {
     for d in (0..idx.len()).rev() {
@@ -482,6 +528,16 @@ fn next(idx: &mut [u64], sizes: &[u64]) -> bool {
         idx[d] = 0;
     }
     false
+}
+
+/// The entries a `.metadata` pickle describes (the fuzz target `dcp_metadata`).
+pub fn parse_metadata_bytes(bytes: &[u8]) -> Result<usize> {
+    let path = Path::new("<memory>/.metadata");
+    let p = Pickle::parse(bytes, &pickle::LIMITS)
+        .map_err(|e| Error::format(path, format!("malformed pickle: {e}")))?;
+    let n = parse(&p).map_err(|e| Error::format(path, e))?.len();
+    let _ = planner_data(&p);
+    Ok(n)
 }
 
 /// `planner_data` of the Metadata, where it is well-formed (it only nests what is written).
@@ -521,6 +577,17 @@ fn parse(p: &Pickle) -> std::result::Result<Vec<Entry>, String> {
     let storage = field(p, root, "storage_data")
         .and_then(|v| dict(p, v))
         .ok_or("its Metadata has no storage_data dict")?;
+    // Megatron-core's torch_dist may store tensors flattened under another shape, described
+    // in `mcore_data`: refused, naming one, rather than read with a wrong shape.
+    if let Some(m) = field(p, root, "mcore_data").and_then(|v| dict(p, v)) {
+        if let Some(&(k, _)) = m.first() {
+            return Err(format!(
+                "tensor `{}` is stored reformulated by Megatron-core (`mcore_data`), which is \
+                 not supported: convert the checkpoint with Megatron's own tools first",
+                p.str(k).map(crate::text::printable).unwrap_or_default()
+            ));
+        }
+    }
     let mut index: HashMap<(String, Option<Vec<u64>>), (String, u64, u64)> =
         HashMap::with_capacity(storage.len());
     for &(k, v) in storage {

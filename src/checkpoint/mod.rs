@@ -384,7 +384,31 @@ impl Checkpoint {
 
     /// Reads `buf.len()` bytes of tensor `t` starting `off` bytes into its data.
     pub fn read_at(&self, t: &TensorInfo, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_range(&t.name, t.file, t.offset, t.len, off, buf)
+        let Some(segments) = &t.segments else {
+            return self.read_range(&t.name, t.file, t.offset, t.len, off, buf);
+        };
+        if off.checked_add(buf.len() as u64).is_none_or(|e| e > t.len) {
+            return Err(Error::tensor(
+                &self.path,
+                &t.name,
+                "read past the end of the tensor",
+            ));
+        }
+        let (mut at, mut rest) = (off, buf);
+        for s in segments.iter() {
+            if rest.is_empty() {
+                break;
+            }
+            if at >= s.start + s.len {
+                continue;
+            }
+            let k = ((s.start + s.len - at) as usize).min(rest.len());
+            let (now, later) = rest.split_at_mut(k);
+            self.read_range(&t.name, s.file, s.offset, s.len, at - s.start, now)?;
+            at += k as u64;
+            rest = later;
+        }
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes starting `off` bytes into the range `start .. start + len` of

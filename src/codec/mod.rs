@@ -39,6 +39,22 @@ pub struct TensorInfo {
     pub len: u64,
     /// For a tensor of a PyTorch archive: the storage record it views, and how.
     pub view: Option<Box<StorageView>>,
+    /// For a tensor whose bytes lie in several places (a DCP tensor sharded across ranks):
+    /// those places, in tensor order, covering `0 .. len`; `file` and `offset` are the first's.
+    pub segments: Option<Box<[Segment]>>,
+}
+
+/// One contiguous part of a tensor's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Index of the data file.
+    pub file: usize,
+    /// Absolute offset in that file.
+    pub offset: u64,
+    /// Where the part starts in the tensor's bytes.
+    pub start: u64,
+    /// Bytes.
+    pub len: u64,
 }
 
 impl TensorInfo {

@@ -280,6 +280,7 @@ impl<'de> Visitor<'de> for HeaderVisitor<'_> {
                     file: 0,
                     offset: begin,
                     len: end - begin,
+                    segments: None,
                     view: None,
                 }),
                 Err(e) => {

@@ -207,6 +207,7 @@ impl<'a> Parser<'a> {
             file: 0,
             offset: begin,
             len: end - begin,
+            segments: None,
             view: None,
         })
     }

@@ -489,7 +489,7 @@ fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratc
                 let bytes = ctx.inputs(std::slice::from_ref(source), item, &mut scratch.raw)?;
                 return ctx.write_everywhere(
                     job,
-                    item.start * source.dtype.size() as u64,
+                    (job.at + item.start) * source.dtype.size() as u64,
                     bytes[0],
                 );
             }
@@ -540,7 +540,7 @@ fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratc
     }
     if !converts && matches!(job.kind, Kind::Copy(_)) {
         // A checked copy keeps the input's bytes (NaN payloads included).
-        return ctx.write_everywhere(job, item.start * osize as u64, inputs[0]);
+        return ctx.write_everywhere(job, (job.at + item.start) * osize as u64, inputs[0]);
     }
     for (o, buf) in outs.iter_mut().enumerate() {
         *buf = ctx.writes.submit(
@@ -548,7 +548,7 @@ fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratc
             Pending {
                 item: index,
                 tensor: job.tensor,
-                off: item.start * osize as u64,
+                off: (job.at + item.start) * osize as u64,
                 buf: std::mem::take(buf),
             },
         );

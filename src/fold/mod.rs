@@ -177,6 +177,10 @@ pub struct Work<'p> {
 pub struct Job<'p> {
     /// The output tensor made (the index the sinks know it by).
     pub tensor: usize,
+    /// The first element of the tensor the job makes: a tensor whose inputs lie in several
+    /// places (`TensorInfo::segments`) is made by one job per range that every source holds
+    /// in one place; any other by one job from element 0.
+    pub at: u64,
     /// The output dtype.
     pub dtype: DType,
     pub kind: Kind<'p>,
@@ -242,35 +246,93 @@ impl<'p> Work<'p> {
                 name: &t.name,
             }
         };
-        let jobs = plan
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| Job {
-                tensor: i,
+        // Elements `from .. to` of source `s`, from the segment that holds them.
+        let part = |s: Src, from: u64, to: u64| {
+            let t = plan.tensor_info(s);
+            let size = t.dtype.size() as u64;
+            let (file, offset) = match &t.segments {
+                Some(segs) => {
+                    let seg = segs
+                        .iter()
+                        .find(|g| g.start <= from * size && from * size < g.start + g.len)
+                        .expect("segments cover the tensor");
+                    (seg.file, seg.offset + from * size - seg.start)
+                }
+                None => (t.file, t.offset + from * size),
+            };
+            Piece {
+                input: s.input,
+                file,
+                offset,
+                len: (to - from) * size,
                 dtype: t.dtype,
-                kind: match &t.make {
-                    Make::Fold { sources } => Kind::Fold {
-                        sources: sources.iter().map(|&s| piece(s)).collect(),
-                        weights: plan.fold_weights(sources),
+                name: &t.name,
+            }
+        };
+        let mut jobs = Vec::with_capacity(plan.tensors.len());
+        for (i, t) in plan.tensors.iter().enumerate() {
+            let srcs: &[Src] = match &t.make {
+                Make::Fold { sources } => sources,
+                Make::Copy { source } => std::slice::from_ref(source),
+                Make::Bytes { .. } => &[],
+            };
+            let segmented = srcs.iter().any(|&s| plan.tensor_info(s).segments.is_some());
+            if !segmented {
+                jobs.push(Job {
+                    tensor: i,
+                    at: 0,
+                    dtype: t.dtype,
+                    kind: match &t.make {
+                        Make::Fold { sources } => Kind::Fold {
+                            sources: sources.iter().map(|&s| piece(s)).collect(),
+                            weights: plan.fold_weights(sources),
+                        },
+                        Make::Copy { source } => Kind::Copy(piece(*source)),
+                        Make::Bytes {
+                            input,
+                            file,
+                            offset,
+                            len,
+                        } => Kind::Copy(Piece {
+                            input: *input,
+                            file: *file,
+                            offset: *offset,
+                            len: *len,
+                            dtype: DType::U8,
+                            name: &t.name,
+                        }),
                     },
-                    Make::Copy { source } => Kind::Copy(piece(*source)),
-                    Make::Bytes {
-                        input,
-                        file,
-                        offset,
-                        len,
-                    } => Kind::Copy(Piece {
-                        input: *input,
-                        file: *file,
-                        offset: *offset,
-                        len: *len,
-                        dtype: DType::U8,
-                        name: &t.name,
-                    }),
-                },
-            })
-            .collect();
+                });
+                continue;
+            }
+            // Cut where any source's segment ends, in elements.
+            let numel = piece(srcs[0]).numel();
+            let mut cuts = vec![0, numel];
+            for &s in srcs {
+                let ti = plan.tensor_info(s);
+                let size = ti.dtype.size() as u64;
+                if let Some(segs) = &ti.segments {
+                    cuts.extend(segs.iter().map(|g| g.start / size));
+                }
+            }
+            cuts.sort_unstable();
+            cuts.dedup();
+            for w in cuts.windows(2).filter(|w| w[0] < w[1]) {
+                let (from, to) = (w[0], w[1]);
+                jobs.push(Job {
+                    tensor: i,
+                    at: from,
+                    dtype: t.dtype,
+                    kind: match &t.make {
+                        Make::Fold { sources } => Kind::Fold {
+                            sources: sources.iter().map(|&s| part(s, from, to)).collect(),
+                            weights: plan.fold_weights(sources),
+                        },
+                        _ => Kind::Copy(part(srcs[0], from, to)),
+                    },
+                });
+            }
+        }
         Work {
             inputs: &plan.inputs,
             jobs,

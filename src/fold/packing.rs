@@ -324,7 +324,7 @@ impl Batch {
                     let at = seg.out as usize;
                     (
                         job.tensor,
-                        seg.start * size,
+                        (job.at + seg.start) * size,
                         &out[at..at + (seg.count * size) as usize],
                     )
                 })

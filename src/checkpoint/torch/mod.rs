@@ -151,6 +151,7 @@ fn finish(df: DataFile, archive: Archive, how: Open, path: &Path, format: Format
             file,
             offset,
             len,
+            segments: None,
             view: Some(Box::new(StorageView {
                 storage: t.storage,
                 storage_offset: t.storage_offset,
