@@ -39,9 +39,14 @@ build() {
     cargo build "${cfg[@]}" --offline --release --features cuda \
         --bin ema-tool --example gpu-check >&2
     # The CUDA tests, to run on the device against the carried ema-tool (EMA_TOOL_BIN).
+    # Build messages go to stderr, so that a failed build shows its error, not `cp ""`.
     tests=$(cargo test "${cfg[@]}" --offline --release --features cuda --test cuda --no-run \
-        --message-format=json 2>/dev/null |
+        --message-format=json |
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    if [[ -z $tests ]]; then
+        echo "gpu-check.sh: the CUDA tests did not build" >&2
+        exit 1
+    fi
     mkdir -p "$bin_dir"
     cp "$target/release/ema-tool" "$target/release/examples/gpu-check" "$bin_dir/"
     cp "$tests" "$bin_dir/cuda-tests"

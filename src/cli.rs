@@ -464,8 +464,9 @@ pub struct InspectArgs {
     /// `dtypes`, `metadata`, `step`, `step_source`, `layout`, `skipped` (`[{name, kind}]`:
     /// entries of a PyTorch checkpoint that are neither tensors nor plain values), for PyTorch
     /// checkpoints `tree` (`[{key, kind, tensors, bytes, values, skipped}]`, the top-level
-    /// entries), for sharded ones `shards` (the files), and with --tensors or --stats
-    /// `tensor_list`.
+    /// entries), for sharded ones `shards` (the files), for DCP directories `dcp` (`{files,
+    /// chunks, sharded_tensors}`), and with --tensors or --stats `tensor_list` (with `chunks`
+    /// per tensor of a DCP directory).
     #[arg(long)]
     pub json: bool,
 }

@@ -93,7 +93,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__ema)
-            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --interval --gamma --warm-up --total-iter --sigma-rel --power-gamma --min-decay --update-after-step --update-every --warmup --warmup-gamma --warmup-power --inv-gamma --power --tau --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --steps --last --best --metric --mode --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --dry-run --device --threads --mapped-inputs --help --version"
+            opts="-s -m -o -f -q -n -j -h -V --strategy --momentum --decay --interval --gamma --warm-up --total-iter --sigma-rel --power-gamma --min-decay --update-after-step --update-every --warmup --warmup-gamma --warmup-power --inv-gamma --power --tau --output --max-shard-size --force --format --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --steps --last --best --metric --mode --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -185,6 +185,10 @@ _ema__tool() {
                     ;;
                 --max-shard-size)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "safetensors dcp" -- "${cur}"))
                     return 0
                     ;;
                 --dtype)
@@ -397,7 +401,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__posthoc)
-            opts="-o -f -q -n -j -h -V --sigma-rel --step --snapshot-sigma-rels --snapshot-gammas --no-normalize --skip-buffers --buffer-pattern --include --exclude --steps --last --best --metric --mode --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --output --max-shard-size --force --dtype --quiet --json --check-finite --dry-run --device --threads --mapped-inputs --help --version"
+            opts="-o -f -q -n -j -h -V --sigma-rel --step --snapshot-sigma-rels --snapshot-gammas --no-normalize --skip-buffers --buffer-pattern --include --exclude --steps --last --best --metric --mode --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --output --max-shard-size --force --format --dtype --quiet --json --check-finite --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -483,6 +487,10 @@ _ema__tool() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --format)
+                    COMPREPLY=($(compgen -W "safetensors dcp" -- "${cur}"))
+                    return 0
+                    ;;
                 --dtype)
                     COMPREPLY=($(compgen -W "f32 f16 bf16 f64" -- "${cur}"))
                     return 0
@@ -511,7 +519,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__swa)
-            opts="-o -f -q -n -j -h -V --interval --output --max-shard-size --force --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --steps --last --best --metric --mode --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --dry-run --device --threads --mapped-inputs --help --version"
+            opts="-o -f -q -n -j -h -V --interval --output --max-shard-size --force --format --dtype --quiet --json --check-finite --per-iter --skip-buffers --buffer-pattern --include --exclude --order --steps --last --best --metric --mode --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --dry-run --device --threads --mapped-inputs --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -531,6 +539,10 @@ _ema__tool() {
                     ;;
                 --max-shard-size)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "safetensors dcp" -- "${cur}"))
                     return 0
                     ;;
                 --dtype)
@@ -617,7 +629,7 @@ _ema__tool() {
             return 0
             ;;
         ema__subcmd__tool__subcmd__swap)
-            opts="-o -f -q -d -h -V --output --max-shard-size --force --dtype --quiet --json --check-finite --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --help --version"
+            opts="-o -f -q -d -h -V --output --max-shard-size --force --format --dtype --quiet --json --check-finite --deploy --raw --ema-on --layout --model-prefix --shadow-prefix --strip-prefix --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -633,6 +645,10 @@ _ema__tool() {
                     ;;
                 --max-shard-size)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --format)
+                    COMPREPLY=($(compgen -W "safetensors dcp" -- "${cur}"))
                     return 0
                     ;;
                 --dtype)

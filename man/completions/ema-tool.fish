@@ -63,6 +63,8 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l power -d '`dif
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l tau -d '`ultralytics`: the decay\'s ramp, decay · (1 − exp(−u/tau)) [default: 2000]' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l format -d 'The output\'s format: `safetensors` (the default; a PyTorch state dict by the output\'s extension), or `dcp`, a torch distributed checkpoint directory `-o DIR` that `torch.distributed.checkpoint.load` reads back into the state dict\'s structure (for `ema`, `swa` and `posthoc`)' -r -f -a "safetensors\t''
+dcp\t''"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
 f16\t''
 bf16\t''
@@ -111,6 +113,8 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand ema" -s V -l version -
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l interval -d 'Average every INTERVAL-th checkpoint (mmengine `interval`)' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l format -d 'The output\'s format: `safetensors` (the default; a PyTorch state dict by the output\'s extension), or `dcp`, a torch distributed checkpoint directory `-o DIR` that `torch.distributed.checkpoint.load` reads back into the state dict\'s structure (for `ema`, `swa` and `posthoc`)' -r -f -a "safetensors\t''
+dcp\t''"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
 f16\t''
 bf16\t''
@@ -157,6 +161,8 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s h -l help -d '
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swa" -s V -l version -d 'Print version'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l format -d 'The output\'s format: `safetensors` (the default; a PyTorch state dict by the output\'s extension), or `dcp`, a torch distributed checkpoint directory `-o DIR` that `torch.distributed.checkpoint.load` reads back into the state dict\'s structure (for `ema`, `swa` and `posthoc`)' -r -f -a "safetensors\t''
+dcp\t''"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand swap" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
 f16\t''
 bf16\t''
@@ -210,6 +216,8 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l shadow-pre
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l strip-prefix -d 'Prefix stripped from deployed names wherever it leads them, again and again (repeatable) [default: module. and _orig_mod.]' -r
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s o -l output -d 'Output file: `.safetensors`, or a PyTorch state dict when it ends in `.pth`, `.pt`, `.bin`, `.ckpt` or `.pth.tar` (loadable with `torch.load(path, weights_only=True)`; metadata is not kept there). `swap` from a PyTorch checkpoint to one keeps every other entry of the checkpoint. With a sweep, a template: `{decay}`, `{sigma_rel}`, ... (the option\'s name) are replaced by each value as typed' -r -F
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l max-shard-size -d 'Split a safetensors output into Hugging Face-style shards of at most SIZE (`5GB`, `500MB`, `2GiB`): `<stem>-00001-of-0000N.safetensors` and `<stem>.safetensors.index.json` beside the output name. When everything fits in one shard, the output is one file' -r
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l format -d 'The output\'s format: `safetensors` (the default; a PyTorch state dict by the output\'s extension), or `dcp`, a torch distributed checkpoint directory `-o DIR` that `torch.distributed.checkpoint.load` reads back into the state dict\'s structure (for `ema`, `swa` and `posthoc`)' -r -f -a "safetensors\t''
+dcp\t''"
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -l dtype -d 'Dtype of floating-point output tensors (default: each tensor\'s input dtype)' -r -f -a "f32\t''
 f16\t''
 bf16\t''
@@ -230,7 +238,7 @@ complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s h -l help 
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand posthoc" -s V -l version -d 'Print version'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s t -l tensors -d 'List every tensor: name, dtype, shape, bytes'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -l stats -d 'Read values: min, max, mean, std and NaN/Inf counts per tensor'
-complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -l json -d 'Print one JSON document on stdout: `{"version", "files": [...]}`, one entry per checkpoint with `path`, `format`, `tensors`, `parameters`, `bytes`, `file_bytes`, `dtypes`, `metadata`, `step`, `step_source`, `layout`, `skipped` (`[{name, kind}]`: entries of a PyTorch checkpoint that are neither tensors nor plain values), for PyTorch checkpoints `tree` (`[{key, kind, tensors, bytes, values, skipped}]`, the top-level entries), for sharded ones `shards` (the files), and with --tensors or --stats `tensor_list`'
+complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -l json -d 'Print one JSON document on stdout: `{"version", "files": [...]}`, one entry per checkpoint with `path`, `format`, `tensors`, `parameters`, `bytes`, `file_bytes`, `dtypes`, `metadata`, `step`, `step_source`, `layout`, `skipped` (`[{name, kind}]`: entries of a PyTorch checkpoint that are neither tensors nor plain values), for PyTorch checkpoints `tree` (`[{key, kind, tensors, bytes, values, skipped}]`, the top-level entries), for sharded ones `shards` (the files), for DCP directories `dcp` (`{files, chunks, sharded_tensors}`), and with --tensors or --stats `tensor_list` (with `chunks` per tensor of a DCP directory)'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand inspect" -s V -l version -d 'Print version'
 complete -c ema-tool -n "__fish_ema_tool_using_subcommand completions" -s h -l help -d 'Print help'

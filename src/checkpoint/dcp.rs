@@ -66,6 +66,12 @@ pub(crate) fn is_dcp(dir: &Path) -> bool {
     dir.join(".metadata").is_file()
 }
 
+/// Where an item's bytes are: (file index, offset, length).
+type Place = (usize, u64, u64);
+
+/// A key of `storage_data`: the FQN, and the chunk's offsets (none for a non-tensor entry).
+type IndexKey = (String, Option<Vec<u64>>);
+
 /// One chunk of a tensor: its box in the global tensor, and where its bytes are.
 struct Chunk {
     offsets: Vec<u64>,
@@ -122,7 +128,7 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
     let mut metadata = std::collections::BTreeMap::new();
     let mut skipped = Vec::new();
     let mut header_only = false;
-    let mut pending: Vec<(usize, Vec<(usize, u64, u64)>)> = Vec::new();
+    let mut pending: Vec<(usize, Vec<Place>)> = Vec::new();
     let mut bytes_entries = Vec::new();
     for e in &entries {
         match e {
@@ -362,7 +368,7 @@ struct Files<'a> {
 impl Files<'_> {
     /// The file (opened on first use) and range of `at`, checked: a file of the directory
     /// itself (no path, no link leading out), and a range inside it. `what` names it in errors.
-    fn locate(&mut self, at: &(String, u64, u64), what: &str) -> Result<(usize, u64, u64)> {
+    fn locate(&mut self, at: &(String, u64, u64), what: &str) -> Result<Place> {
         let (rel, off, len) = at;
         let i = match self.file_of.get(rel) {
             Some(&i) => i,
@@ -390,7 +396,7 @@ impl Files<'_> {
             }
         };
         let f = &self.files[i];
-        if off.checked_add(*len).is_none_or(|e| e > f.len()) {
+        if off.checked_add(*len).map_or(true, |e| e > f.len()) {
             return Err(Error::format(
                 f.path(),
                 format!(
@@ -588,7 +594,7 @@ fn parse(p: &Pickle) -> std::result::Result<Vec<Entry>, String> {
             ));
         }
     }
-    let mut index: HashMap<(String, Option<Vec<u64>>), (String, u64, u64)> =
+    let mut index: HashMap<IndexKey, (String, u64, u64)> =
         HashMap::with_capacity(storage.len());
     for &(k, v) in storage {
         let key = object(p, k, METADATA, "MetadataIndex")?;
@@ -683,7 +689,7 @@ fn parse(p: &Pickle) -> std::result::Result<Vec<Entry>, String> {
                     .iter()
                     .zip(&sizes)
                     .zip(&shape)
-                    .any(|((&o, &s), &d)| o.checked_add(s).is_none_or(|e| e > d))
+                    .any(|((&o, &s), &d)| o.checked_add(s).map_or(true, |e| e > d))
             {
                 return Err(format!(
                     "`{fqn}`: the chunk at {offsets:?} of sizes {sizes:?} is outside its shape \

@@ -129,6 +129,14 @@ pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
         // The top-level entries of the pickle: which hold tensors, values, skipped objects.
         v["tree"] = json!(c.torch().map(|t| &t.top));
     }
+    if let Some(d) = c.dcp() {
+        // The ranks' files, and how the tensors are split across them.
+        v["dcp"] = json!({
+            "files": d.files,
+            "chunks": d.chunks.iter().sum::<usize>(),
+            "sharded_tensors": d.chunks.iter().filter(|&&n| n > 1).count(),
+        });
+    }
     if c.format() == Format::Sharded {
         let mut shards: Vec<&std::path::Path> = Vec::new();
         for f in c.files() {
@@ -160,6 +168,10 @@ pub fn describe(c: &Checkpoint, tensors: bool, stats: bool) -> Result<Value> {
                     "shape": t.shape,
                     "bytes": t.len,
                 });
+                if let Some(d) = c.dcp() {
+                    let i = c.position(&t.name).unwrap_or(0);
+                    e["chunks"] = json!(d.chunks.get(i).copied().unwrap_or(1));
+                }
                 if let Some(s) = s {
                     e["stats"] = json!(s);
                 }
@@ -334,6 +346,19 @@ fn print_human(d: &Value) {
     if let Some(shards) = d["shards"].as_array() {
         println!("  shards      {}", shards.len());
     }
+    if let Some(dcp) = d.get("dcp") {
+        let files: Vec<String> = dcp["files"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect())
+            .unwrap_or_default();
+        println!(
+            "  chunks      {} ({} tensors in more than one), in {} files: {}",
+            dcp["chunks"],
+            dcp["sharded_tensors"],
+            files.len(),
+            files.join(", ")
+        );
+    }
     if let Some(skipped) = d["skipped"].as_array() {
         for e in skipped {
             println!("  skipped     {} ({})", s(&e["name"]), s(&e["kind"]));
@@ -352,6 +377,9 @@ fn print_human(d: &Value) {
                 shape.join(", "),
                 human_bytes(t["bytes"].as_u64().unwrap_or(0))
             );
+            if let Some(n) = t.get("chunks").and_then(Value::as_u64).filter(|&n| n > 1) {
+                line.push_str(&format!("  ({n} chunks)"));
+            }
             if let Some(st) = t.get("stats") {
                 let f = |k: &str| st[k].as_f64().map_or("-".into(), |x| format!("{x:.6e}"));
                 line.push_str(&format!(
