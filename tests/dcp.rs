@@ -330,6 +330,27 @@ fn a_dcp_output_is_checked_first_and_never_left_half_written() {
     ]);
     assert_eq!(e.status.code(), Some(1));
     assert!(!fresh.exists());
+    let left: Vec<String> = common::entries(d.path());
+    assert!(left.iter().all(|n| !n.contains(".ema-tool")), "{left:?}");
+    // A directory holding other files is never replaced, even with --force.
+    let other = d.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), b"mine").unwrap();
+    let e = run(&[
+        "swa",
+        &inputs[0],
+        "-o",
+        other.to_str().unwrap(),
+        "--format",
+        "dcp",
+        "--force",
+    ]);
+    assert_eq!(e.status.code(), Some(1));
+    assert_eq!(std::fs::read(other.join("notes.txt")).unwrap(), b"mine");
+    // A DCP checkpoint there is replaced whole.
+    ok(&["swa", &inputs[1], "-o", o, "--format", "dcp", "--force"]);
+    let v: Value = serde_json::from_str(&ok(&["inspect", "--json", o])).unwrap();
+    assert_eq!(v["files"][0]["step"], 200);
     // An input directory is never the output.
     let e = run(&[
         "swa", &inputs[0], &inputs[1], "-o", &inputs[1], "--format", "dcp", "--force",

@@ -594,8 +594,7 @@ fn parse(p: &Pickle) -> std::result::Result<Vec<Entry>, String> {
             ));
         }
     }
-    let mut index: HashMap<IndexKey, (String, u64, u64)> =
-        HashMap::with_capacity(storage.len());
+    let mut index: HashMap<IndexKey, (String, u64, u64)> = HashMap::with_capacity(storage.len());
     for &(k, v) in storage {
         let key = object(p, k, METADATA, "MetadataIndex")?;
         let fqn = field(p, key, "fqn")

@@ -387,7 +387,10 @@ impl Checkpoint {
         let Some(segments) = &t.segments else {
             return self.read_range(&t.name, t.file, t.offset, t.len, off, buf);
         };
-        if off.checked_add(buf.len() as u64).map_or(true, |e| e > t.len) {
+        if off
+            .checked_add(buf.len() as u64)
+            .map_or(true, |e| e > t.len)
+        {
             return Err(Error::tensor(
                 &self.path,
                 &t.name,

@@ -31,6 +31,9 @@ pub struct Targets {
     pub created: Vec<PathBuf>,
     /// The outputs are DCP directories (`--format dcp`): nothing is copied beside them.
     pub dcp: bool,
+    /// For each DCP output, the temporary directory it is written in and its target, renamed
+    /// into place after the files are complete ([`publish`]).
+    pub published: Vec<(PathBuf, PathBuf)>,
 }
 
 /// The targets of `outputs` (`(name, text)` of their options' values) from `-o`, or by default
@@ -58,6 +61,7 @@ pub fn targets(
         dirs: Vec::new(),
         created: Vec::new(),
         dcp: out.format == Some(OutFormat::Dcp),
+        published: Vec::new(),
     };
     let dcp = t.dcp;
     if dcp && (out.output.is_none() || out.max_shard_size.is_some()) {
@@ -80,8 +84,38 @@ pub fn targets(
                     what: "already exists (use --force to replace its checkpoint)".into(),
                 });
             }
-            t.files.push(target.clone());
-            t.dirs.push(Some(target));
+            if target.exists() && !crate::checkpoint::dcp::is_dcp(&target) {
+                let empty = std::fs::read_dir(&target)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
+                if !empty {
+                    return Err(Error::Output {
+                        path: target,
+                        what: "holds files but no DCP checkpoint: not replaced, even with --force"
+                            .into(),
+                    });
+                }
+            }
+            if dry_run {
+                t.files.push(target);
+                t.dirs.push(None);
+                continue;
+            }
+            // Written in a temporary directory beside it, renamed into place when complete.
+            let parent = crate::output::atomic::parent_dir(&target);
+            let name = target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let tmp = tempfile::Builder::new()
+                .prefix(&format!(".ema-tool-{name}-"))
+                .suffix(".tmpdir")
+                .tempdir_in(&parent)
+                .map_err(|e| Error::io(&parent, e))?
+                .keep();
+            t.files.push(tmp.clone());
+            t.dirs.push(None);
+            t.published.push((tmp, target));
             continue;
         }
         if hf::is_dir_target(&target) {
@@ -140,6 +174,9 @@ impl Targets {
     /// Removes the directories made for the outputs (innermost first), where they are still
     /// empty.
     pub fn remove_created(&self) {
+        for (tmp, _) in &self.published {
+            let _ = std::fs::remove_dir_all(tmp);
+        }
         for d in self.created.iter().rev() {
             let _ = std::fs::remove_dir(d);
         }
@@ -173,6 +210,43 @@ impl Targets {
         }
         Ok(out)
     }
+}
+
+/// Renames each DCP output's temporary directory to its target: an existing target (a DCP
+/// checkpoint, or empty: `targets` checked) is moved aside first and removed after.
+pub fn publish(dirs: &[(PathBuf, PathBuf)]) -> Result<()> {
+    for (tmp, target) in dirs {
+        let old = if target.exists() {
+            let parent = crate::output::atomic::parent_dir(target);
+            let aside = tempfile::Builder::new()
+                .prefix(".ema-tool-old-")
+                .tempdir_in(&parent)
+                .map_err(|e| Error::io(&parent, e))?
+                .keep();
+            // Onto an empty directory, rename replaces it.
+            std::fs::rename(target, &aside).map_err(|e| Error::io(target, e))?;
+            Some(aside)
+        } else {
+            None
+        };
+        if let Err(e) = std::fs::rename(tmp, target) {
+            if let Some(old) = &old {
+                let _ = std::fs::rename(old, target);
+            }
+            return Err(Error::io(target, e));
+        }
+        if let Some(old) = old {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(())
+}
+
+/// The path to name for `p`: a DCP output's target rather than its temporary directory.
+fn shown_path(p: &Path, dirs: &[(PathBuf, PathBuf)]) -> PathBuf {
+    dirs.iter()
+        .find(|(tmp, _)| tmp == p)
+        .map_or_else(|| p.to_path_buf(), |(_, t)| t.clone())
 }
 
 /// Runs a fold command: `command` is `ema` or `swa`, `swept` its outputs.
@@ -273,6 +347,7 @@ fn run_to(
         chosen: &chosen,
         plain: args.deploy.deploy,
         companions: &companions,
+        dirs: &targets.published,
     };
     if plan.outputs.len() == 1 {
         one(
@@ -343,6 +418,8 @@ pub struct Run<'a> {
     /// Files copied beside outputs written into directories, `(source, target)`, committed
     /// with the outputs.
     pub companions: &'a [(PathBuf, PathBuf)],
+    /// DCP outputs: `(temporary directory, target)`, renamed after the commit.
+    pub dirs: &'a [(PathBuf, PathBuf)],
 }
 
 /// Copies the companions of `how` to their temporaries, ready to be committed.
@@ -414,6 +491,7 @@ pub fn one(plan: &Plan, mut record: Value, params: &Value, how: &Run, rt: &Runti
     }
     let metadata = output_metadata(plan, how, record.clone());
     let (writer, written) = create_writer(plan, 0, how.out, &metadata, rt)?;
+    let written = shown_path(&written, how.dirs);
     let progress = progress(plan.input_bytes(), how.out.quiet);
     let opts = fold::Options {
         finite: how.out.check_finite,
@@ -423,6 +501,7 @@ pub fn one(plan: &Plan, mut record: Value, params: &Value, how: &Run, rt: &Runti
     let (mut files, bytes) = writer.finish(rt)?;
     files.extend(copy_companions(how, rt)?);
     commit_all(rt, files)?;
+    publish(how.dirs)?;
     let secs = how.started.elapsed().as_secs_f64();
     if how.out.json {
         record["output"] = json!(written);
@@ -491,7 +570,7 @@ pub fn many(
         let metadata = output_metadata(plan, how, record);
         let (w, s) = create_writer(plan, o, how.out, &metadata, rt)?;
         writers.push(w);
-        shown.push(s);
+        shown.push(shown_path(&s, how.dirs));
     }
     let progress = progress(plan.input_bytes(), how.out.quiet);
     let opts = fold::Options {
@@ -510,6 +589,7 @@ pub fn many(
     }
     files.extend(copy_companions(how, rt)?);
     commit_all(rt, files)?;
+    publish(how.dirs)?;
     let secs = how.started.elapsed().as_secs_f64();
     if how.out.json {
         let mut outs = outputs_json(&bytes);

@@ -392,6 +392,7 @@ fn run_to(
         chosen: &chosen,
         plain: args.deploy.deploy,
         companions: &companions,
+        dirs: &targets.published,
     };
     if plan.outputs.len() == 1 {
         let record = records.into_iter().next().expect("one output");

@@ -4,8 +4,8 @@
 //! `torch.distributed.checkpoint.load` and `format_utils.dcp_to_torch_save` read, with the
 //! planner data that nests the state dict as it was saved.
 //!
-//! Both files are written under temporary names in DIR and renamed together by `commit_all`;
-//! the command removes DIR again when it made it and the fold fails.
+//! Both files are written in a temporary directory that the command renames to DIR once they
+//! are committed (`cmd::fold::publish`), and removes when the fold fails.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
