@@ -221,7 +221,8 @@ done | median)
 echo "start-up of --device $DEVICE (a fold of 2 x 8 KB: driver, context, PTX JIT): $startup_s s"
 echo "GB/s: GB of input per second of the whole command; x: $DEVICE speed over cpu's, and"
 echo "$DEVICE time over the time cat takes to read the inputs (1.00: bound by reading them)"
-per=$((SERIES_GB * 1024 / 8 / 4)) # 4 MiB f32 tensors per checkpoint
+# 4 MiB f32 tensors per checkpoint (SERIES_GB may be a fraction: 0.5).
+per=$(awk -v g="$SERIES_GB" 'BEGIN { n = int(g * 1024 / 8 / 4); print (n < 4 ? 4 : n) }')
 "$GPU_CHECK" gen "$WORK/b-f32" --count 8 --tensors "$per" --elems 1048576 --dtype f32
 bench "ema f32, 8 inputs" "$WORK/b-f32" ema --momentum 0.01
 rm -rf "$WORK/b-f32"

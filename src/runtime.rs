@@ -70,6 +70,9 @@ impl Runtime {
                     for p in &files.temporaries {
                         let _ = std::fs::remove_file(p);
                     }
+                    for d in &files.directories {
+                        let _ = std::fs::remove_dir_all(d);
+                    }
                     let name = match sig {
                         SIGINT => "SIGINT",
                         SIGTERM => "SIGTERM",
@@ -80,7 +83,7 @@ impl Runtime {
                         let done = crate::text::one_line(&done.display().to_string(), 1000);
                         what = format!(" after writing {done}");
                     }
-                    if !files.temporaries.is_empty() {
+                    if !files.temporaries.is_empty() || !files.directories.is_empty() {
                         what.push_str("; removed the unfinished output");
                     }
                     // Not eprintln!, which panics (here: ends this thread, not the process)
@@ -107,6 +110,56 @@ impl Runtime {
             file: Some(tmp),
             registered: Registered(path),
         })
+    }
+
+    /// Creates a temporary directory in `dir` named `<prefix>XXXXXX<suffix>` and registers it in
+    /// one step: the signal handlers remove it with whatever it holds.
+    pub fn temporary_dir(
+        &self,
+        dir: &Path,
+        prefix: &str,
+        suffix: &str,
+    ) -> std::io::Result<PathBuf> {
+        let mut files = registry();
+        let path = tempfile::Builder::new()
+            .prefix(prefix)
+            .suffix(suffix)
+            .tempdir_in(dir)?
+            .keep();
+        files.directories.push(path.clone());
+        Ok(path)
+    }
+
+    /// Removes a temporary directory of [`Runtime::temporary_dir`] and what it holds.
+    pub fn discard_dir(&self, path: &Path) {
+        let mut files = registry();
+        let _ = std::fs::remove_dir_all(path);
+        files.directories.retain(|p| p != path);
+    }
+
+    /// Renames each temporary directory of [`Runtime::temporary_dir`] to its target
+    /// (`(directory, target)`), under the registry's lock as [`Runtime::persist_all`] does: an
+    /// existing target is exchanged with it in one step (`renameat2(RENAME_EXCHANGE)`, then the
+    /// old one removed), so the target is never missing. On failure, returns the index.
+    pub fn publish_dirs(&self, dirs: &[(PathBuf, PathBuf)]) -> Result<(), (usize, std::io::Error)> {
+        let mut files = registry();
+        for (i, (tmp, target)) in dirs.iter().enumerate() {
+            let result = if target.exists() {
+                exchange(tmp, target).map(|()| {
+                    // `tmp` now holds the replaced checkpoint.
+                    let _ = std::fs::remove_dir_all(tmp);
+                })
+            } else {
+                std::fs::rename(tmp, target)
+            };
+            files.directories.retain(|p| p != tmp);
+            if let Err(e) = result {
+                let _ = std::fs::remove_dir_all(tmp);
+                return Err((i, e));
+            }
+            files.committed.push(target.clone());
+        }
+        Ok(())
     }
 
     /// Renames every temporary file to its target (`(file, target, replace)`: `replace` allows
@@ -173,14 +226,43 @@ impl Runtime {
 struct Files {
     /// Temporary files being written, for the handlers to remove.
     temporaries: Vec<PathBuf>,
+    /// Temporary directories being written (DCP outputs), removed whole by the handlers.
+    directories: Vec<PathBuf>,
     /// Outputs already renamed into place, for the signal handler to report.
     committed: Vec<PathBuf>,
 }
 
 static FILES: Mutex<Files> = Mutex::new(Files {
     temporaries: Vec::new(),
+    directories: Vec::new(),
     committed: Vec::new(),
 });
+
+/// Exchanges two paths in one step (Linux `renameat2` with `RENAME_EXCHANGE`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; no other memory is passed.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
 
 fn registry() -> MutexGuard<'static, Files> {
     FILES.lock().unwrap_or_else(PoisonError::into_inner)

@@ -358,3 +358,88 @@ fn a_dcp_output_is_checked_first_and_never_left_half_written() {
     assert_eq!(e.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&e.stderr).contains("input directory"));
 }
+
+#[test]
+fn a_dcp_target_is_replaced_only_when_it_is_a_checkpoint_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let input = fx("single/step-100");
+    // A directory with a `.metadata` and other files: untouched, even with --force.
+    let mixed = d.path().join("mixed");
+    std::fs::create_dir_all(mixed.join("sub")).unwrap();
+    std::fs::write(mixed.join(".metadata"), b"junk").unwrap();
+    std::fs::write(mixed.join("notes.txt"), b"mine").unwrap();
+    let m = mixed.to_str().unwrap();
+    let e = run(&["swa", &input, "-o", m, "--format", "dcp", "--force"]);
+    assert_eq!(
+        e.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+    assert_eq!(std::fs::read(mixed.join("notes.txt")).unwrap(), b"mine");
+    assert!(mixed.join("sub").is_dir());
+    // A target holding an input: refused.
+    let holder = d.path().join("holder");
+    std::fs::create_dir(&holder).unwrap();
+    let inner = holder.join("in.safetensors");
+    common::save(
+        &inner,
+        &[(
+            "w",
+            safetensors::Dtype::F32,
+            vec![2],
+            common::f32_bytes(&[1.0, 2.0]),
+        )],
+        &[],
+    );
+    let e = run(&[
+        "swa",
+        inner.to_str().unwrap(),
+        "-o",
+        holder.to_str().unwrap(),
+        "--format",
+        "dcp",
+        "--force",
+    ]);
+    assert_eq!(e.status.code(), Some(1));
+    assert!(inner.exists());
+    // A file's name is not a directory's.
+    let e = run(&["swa", &input, "-o", "x.safetensors", "--format", "dcp"]);
+    assert_eq!(e.status.code(), Some(2));
+}
+
+#[test]
+fn a_fold_failing_midway_leaves_no_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("inf.safetensors");
+    common::save(
+        &bad,
+        &[(
+            "w",
+            safetensors::Dtype::F32,
+            vec![2],
+            common::f32_bytes(&[1.0, f32::INFINITY]),
+        )],
+        &[],
+    );
+    let out = d.path().join("out");
+    let e = run(&[
+        "swa",
+        bad.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--format",
+        "dcp",
+        "--check-finite",
+    ]);
+    assert_eq!(
+        e.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+    assert!(!out.exists());
+    let left = common::entries(d.path());
+    assert!(left.iter().all(|n| !n.contains(".ema-tool")), "{left:?}");
+}

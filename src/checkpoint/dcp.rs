@@ -28,6 +28,9 @@ use crate::error::{Error, Result};
 
 /// Largest `.metadata` read (it is read whole).
 const MAX_METADATA: u64 = 256 << 20;
+/// Most chunks holding elements of one tensor (a rank's part each; torch writes one per rank
+/// and tensor-parallel shard).
+const MAX_CHUNKS: usize = 1 << 16;
 /// Largest non-tensor entry read for its value.
 const MAX_BYTES_ITEM: u64 = 1 << 20;
 /// Buffer of the assembly of a chunked tensor.
@@ -215,24 +218,36 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
     } else {
         let mut spill: Option<DataFile> = None;
         let mut blobs: HashMap<(usize, u64), Vec<TensorInfo>> = HashMap::new();
+        // Where every chunk's bytes are, to refuse two chunks sharing them.
+        let mut ranges: Vec<(usize, u64, u64, &str)> = Vec::new();
+        let mut all_located = Vec::with_capacity(pending.len());
         let mut k = 0;
         for e in &entries {
-            let Entry::Tensor {
-                fqn, shape, chunks, ..
-            } = e
-            else {
+            let Entry::Tensor { fqn, chunks, .. } = e else {
                 continue;
             };
             let (ti, places) = &pending[k];
             k += 1;
-            let t = &mut tensors[*ti];
-            let whole = chunks.len() == 1 && chunks[0].sizes == *shape;
+            let t = &tensors[*ti];
             let mut located = Vec::with_capacity(chunks.len());
             for (c, &(fi, off, len)) in chunks.iter().zip(places) {
                 let f = &files[fi];
                 let sizes: Vec<usize> = c.sizes.iter().map(|&d| d as usize).collect();
                 let (dtype, shape, stride, data) = if is_zip_at(f, off)? {
-                    let (local, data) = chunk_at(f.file(), off, len, f.path())?;
+                    let (local, data, stored) = chunk_at(f.file(), off, len, f.path())?;
+                    if local.nbytes() > stored {
+                        // A view repeating its storage's bytes (a stride of 0): refused, so
+                        // that a small file cannot stand for a large tensor.
+                        return Err(Error::tensor(
+                            f.path(),
+                            fqn,
+                            format!(
+                                "a chunk of {} bytes views a storage of {stored}",
+                                local.nbytes()
+                            ),
+                        ));
+                    }
+                    ranges.push((fi, off, len, fqn.as_str()));
                     (local.dtype, local.shape.clone(), local.stride.clone(), data)
                 } else {
                     // SerializationFormat.SAFETENSORS: the range starts a safetensors file of
@@ -257,6 +272,7 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
                             format!("its chunk is {} bytes, where .metadata says {len}", s.len),
                         ));
                     }
+                    ranges.push((fi, off + s.offset, s.len, fqn.as_str()));
                     (
                         s.dtype,
                         s.shape.clone(),
@@ -279,6 +295,32 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
                     || (0..shape.len()).all(|d| shape[d] == 1 || stride[d] == rm[d]);
                 located.push((fi, data, stride, contiguous));
             }
+            all_located.push(located);
+        }
+        ranges.retain(|r| r.2 > 0);
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            let ((fa, oa, la, a), (fb, ob, _, b)) = (w[0], w[1]);
+            if fa == fb && oa + la > ob {
+                return Err(Error::format(
+                    files[fa].path(),
+                    format!("chunks of `{a}` and `{b}` share bytes {ob}..{}", oa + la),
+                ));
+            }
+        }
+        let mut k = 0;
+        for e in &entries {
+            let Entry::Tensor {
+                fqn, shape, chunks, ..
+            } = e
+            else {
+                continue;
+            };
+            let (ti, _) = &pending[k];
+            let located: &Vec<_> = &all_located[k];
+            k += 1;
+            let t = &mut tensors[*ti];
+            let whole = chunks.len() == 1 && chunks[0].sizes == *shape;
             if whole && located[0].3 {
                 t.file = located[0].0;
                 t.offset = located[0].1;
@@ -289,7 +331,7 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
             let size = t.dtype.size() as u64;
             let runs: Option<Vec<Segment>> = chunks
                 .iter()
-                .zip(&located)
+                .zip(located)
                 .filter(|(c, _)| !c.sizes.contains(&0))
                 .map(|(c, (fi, data, stride, _))| {
                     one_run(c, shape, stride).map(|dst| Segment {
@@ -316,7 +358,7 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
             };
             let at = sp.len;
             sp.file.set_len(at + t.len).map_err(|e| Error::io(dir, e))?;
-            for (c, (fi, data, stride, _)) in chunks.iter().zip(&located) {
+            for (c, (fi, data, stride, _)) in chunks.iter().zip(located) {
                 assemble(&files[*fi], *data, stride, c, shape, t.dtype, &sp.file, at).map_err(
                     |e| match e {
                         Error::Io { path, source } => Error::tensor(path, fqn, source.to_string()),
@@ -695,7 +737,9 @@ fn parse(p: &Pickle) -> std::result::Result<Vec<Entry>, String> {
                      {shape:?}"
                 ));
             }
-            volume += sizes.iter().product::<u64>();
+            volume = volume
+                .checked_add(sizes.iter().product::<u64>())
+                .ok_or_else(|| format!("`{fqn}`: its chunks are too large"))?;
             let at = index
                 .get(&(fqn.to_string(), Some(offsets.clone())))
                 .cloned()
@@ -705,20 +749,7 @@ fn parse(p: &Pickle) -> std::result::Result<Vec<Entry>, String> {
             chunks.push(Chunk { offsets, sizes, at });
         }
         // In bounds, and no two overlapping: then covering every element is their volume.
-        for (i, a) in chunks.iter().enumerate() {
-            for b in &chunks[i + 1..] {
-                let meet = (0..shape.len()).all(|d| {
-                    a.offsets[d] < b.offsets[d] + b.sizes[d]
-                        && b.offsets[d] < a.offsets[d] + a.sizes[d]
-                });
-                if meet && !a.sizes.contains(&0) && !b.sizes.contains(&0) {
-                    return Err(format!(
-                        "`{fqn}`: the chunks at {:?} and {:?} overlap",
-                        a.offsets, b.offsets
-                    ));
-                }
-            }
-        }
+        check_disjoint(fqn, &chunks)?;
         if volume != numel {
             return Err(format!(
                 "`{fqn}`: its chunks hold {volume} of its {numel} elements"
@@ -732,6 +763,57 @@ fn parse(p: &Pickle) -> std::result::Result<Vec<Entry>, String> {
         });
     }
     Ok(out)
+}
+
+/// That no two non-empty chunks of `fqn` overlap: swept along the dimension whose offsets
+/// differ most, so that `Shard(d)` splits and grids cost about one comparison per chunk.
+fn check_disjoint(fqn: &str, chunks: &[Chunk]) -> std::result::Result<(), String> {
+    let mut full: Vec<&Chunk> = chunks.iter().filter(|c| !c.sizes.contains(&0)).collect();
+    if full.len() > MAX_CHUNKS {
+        return Err(format!(
+            "`{fqn}` is in {} chunks, more than the {MAX_CHUNKS} read",
+            full.len()
+        ));
+    }
+    let Some(first) = full.first() else {
+        return Ok(());
+    };
+    let n = first.offsets.len();
+    if n == 0 {
+        // 0-d: one element; two chunks of it overlap.
+        return match full.len() {
+            0 | 1 => Ok(()),
+            _ => Err(format!("`{fqn}`: two chunks hold its one element")),
+        };
+    }
+    let dim = (0..n)
+        .max_by_key(|&d| {
+            let mut o: Vec<u64> = full.iter().map(|c| c.offsets[d]).collect();
+            o.sort_unstable();
+            o.dedup();
+            o.len()
+        })
+        .unwrap_or(0);
+    let meet = |a: &Chunk, b: &Chunk| {
+        (0..n).all(|d| {
+            a.offsets[d] < b.offsets[d] + b.sizes[d] && b.offsets[d] < a.offsets[d] + a.sizes[d]
+        })
+    };
+    full.sort_by_key(|c| c.offsets[dim]);
+    // Active: the chunks whose extent along `dim` reaches the current start.
+    let mut active: Vec<&Chunk> = Vec::new();
+    for c in full {
+        let start = c.offsets[dim];
+        active.retain(|a| a.offsets[dim] + a.sizes[dim] > start);
+        if let Some(a) = active.iter().find(|a| meet(a, c)) {
+            return Err(format!(
+                "`{fqn}`: the chunks at {:?} and {:?} overlap",
+                a.offsets, c.offsets
+            ));
+        }
+        active.push(c);
+    }
+    Ok(())
 }
 
 /// The state (`BUILD` dict) of an object of class `module.name`; an error naming what it is
@@ -821,4 +903,46 @@ fn dtype_of(p: &Pickle, id: Id) -> Option<DType> {
         return None;
     }
     DType::from_torch_name(&g.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(offsets: &[u64], sizes: &[u64]) -> Chunk {
+        Chunk {
+            offsets: offsets.to_vec(),
+            sizes: sizes.to_vec(),
+            at: (String::new(), 0, 0),
+        }
+    }
+
+    #[test]
+    fn overlapping_chunks_are_found_in_one_sweep() {
+        // A grid of 2 x 3 boxes: disjoint.
+        let grid: Vec<Chunk> = (0..2)
+            .flat_map(|i| (0..3).map(move |j| chunk(&[i * 4, j * 5], &[4, 5])))
+            .collect();
+        assert!(check_disjoint("t", &grid).is_ok());
+        // One more box across two of them.
+        let mut bad = grid;
+        bad.push(chunk(&[2, 3], &[4, 4]));
+        assert!(check_disjoint("t", &bad).unwrap_err().contains("overlap"));
+        // Shard(1) of many: linear, and empty chunks cost nothing.
+        let cols: Vec<Chunk> = (0..60_000).map(|j| chunk(&[0, j], &[7, 1])).collect();
+        let t = std::time::Instant::now();
+        assert!(check_disjoint("t", &cols).is_ok());
+        let empties: Vec<Chunk> = (0..100_000).map(|_| chunk(&[0], &[0])).collect();
+        assert!(check_disjoint("t", &empties).is_ok());
+        if cfg!(not(debug_assertions)) {
+            assert!(t.elapsed().as_secs() < 1);
+        }
+        // Too many chunks holding elements: refused.
+        let many: Vec<Chunk> = (0..(MAX_CHUNKS as u64 + 1))
+            .map(|j| chunk(&[j], &[1]))
+            .collect();
+        assert!(check_disjoint("t", &many).unwrap_err().contains("chunks"));
+        // Two chunks of a 0-d tensor.
+        assert!(check_disjoint("t", &[chunk(&[], &[]), chunk(&[], &[])]).is_err());
+    }
 }

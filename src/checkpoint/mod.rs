@@ -398,7 +398,10 @@ impl Checkpoint {
             ));
         }
         let (mut at, mut rest) = (off, buf);
-        for s in segments.iter() {
+        let first = segments
+            .partition_point(|s| s.start + s.len <= off)
+            .min(segments.len());
+        for s in segments[first..].iter() {
             if rest.is_empty() {
                 break;
             }

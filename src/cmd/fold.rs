@@ -84,14 +84,35 @@ pub fn targets(
                     what: "already exists (use --force to replace its checkpoint)".into(),
                 });
             }
-            if target.exists() && !crate::checkpoint::dcp::is_dcp(&target) {
-                let empty = std::fs::read_dir(&target)
-                    .map(|mut d| d.next().is_none())
-                    .unwrap_or(false);
-                if !empty {
+            if crate::codec::names::is_torch_name(&target)
+                || target.extension().is_some_and(|e| e == "safetensors")
+            {
+                return Err(Error::usage(format!(
+                    "{}: --format dcp writes a directory, not a file of that name",
+                    target.display()
+                )));
+            }
+            if target.exists() {
+                // Replaced whole: only a DCP checkpoint's own files, or nothing, may be there,
+                // and no input.
+                let own = |e: &std::fs::DirEntry| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    e.file_type().is_ok_and(|t| t.is_file())
+                        && (n == ".metadata" || n.ends_with(".distcp"))
+                };
+                let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(&target)
+                    .map_err(|e| Error::io(&target, e))?
+                    .filter_map(|e| e.ok())
+                    .collect();
+                let real = target.canonicalize().map_err(|e| Error::io(&target, e))?;
+                let holds_input = inputs
+                    .iter()
+                    .any(|i| i.canonicalize().is_ok_and(|r| r.starts_with(&real)));
+                if !entries.iter().all(own) || holds_input {
                     return Err(Error::Output {
                         path: target,
-                        what: "holds files but no DCP checkpoint: not replaced, even with --force"
+                        what: "holds files other than a DCP checkpoint's (or an input): not \
+                               replaced, even with --force"
                             .into(),
                     });
                 }
@@ -107,12 +128,9 @@ pub fn targets(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let tmp = tempfile::Builder::new()
-                .prefix(&format!(".ema-tool-{name}-"))
-                .suffix(".tmpdir")
-                .tempdir_in(&parent)
-                .map_err(|e| Error::io(&parent, e))?
-                .keep();
+            let tmp = rt
+                .temporary_dir(&parent, &format!(".ema-tool-{name}-"), ".tmpdir")
+                .map_err(|e| Error::io(&parent, e))?;
             t.files.push(tmp.clone());
             t.dirs.push(None);
             t.published.push((tmp, target));
@@ -138,7 +156,7 @@ pub fn targets(
             missing.reverse();
             if let Err(e) = std::fs::create_dir_all(d) {
                 t.created.extend(missing);
-                t.remove_created();
+                t.remove_created(rt);
                 return Err(Error::io(d, e));
             }
             t.created.extend(missing);
@@ -163,7 +181,7 @@ pub fn targets(
             check_output_kind(f, out.max_shard_size)
         });
         if let Err(e) = checked {
-            t.remove_created();
+            t.remove_created(rt);
             return Err(e);
         }
     }
@@ -173,9 +191,9 @@ pub fn targets(
 impl Targets {
     /// Removes the directories made for the outputs (innermost first), where they are still
     /// empty.
-    pub fn remove_created(&self) {
+    pub fn remove_created(&self, rt: &Runtime) {
         for (tmp, _) in &self.published {
-            let _ = std::fs::remove_dir_all(tmp);
+            rt.discard_dir(tmp);
         }
         for d in self.created.iter().rev() {
             let _ = std::fs::remove_dir(d);
@@ -212,34 +230,10 @@ impl Targets {
     }
 }
 
-/// Renames each DCP output's temporary directory to its target: an existing target (a DCP
-/// checkpoint, or empty: `targets` checked) is moved aside first and removed after.
-pub fn publish(dirs: &[(PathBuf, PathBuf)]) -> Result<()> {
-    for (tmp, target) in dirs {
-        let old = if target.exists() {
-            let parent = crate::output::atomic::parent_dir(target);
-            let aside = tempfile::Builder::new()
-                .prefix(".ema-tool-old-")
-                .tempdir_in(&parent)
-                .map_err(|e| Error::io(&parent, e))?
-                .keep();
-            // Onto an empty directory, rename replaces it.
-            std::fs::rename(target, &aside).map_err(|e| Error::io(target, e))?;
-            Some(aside)
-        } else {
-            None
-        };
-        if let Err(e) = std::fs::rename(tmp, target) {
-            if let Some(old) = &old {
-                let _ = std::fs::rename(old, target);
-            }
-            return Err(Error::io(target, e));
-        }
-        if let Some(old) = old {
-            let _ = std::fs::remove_dir_all(old);
-        }
-    }
-    Ok(())
+/// Renames each DCP output's temporary directory to its target ([`Runtime::publish_dirs`]).
+pub fn publish(dirs: &[(PathBuf, PathBuf)], rt: &Runtime) -> Result<()> {
+    rt.publish_dirs(dirs)
+        .map_err(|(i, e)| Error::io(&dirs[i].1, e))
 }
 
 /// The path to name for `p`: a DCP output's target rather than its temporary directory.
@@ -257,7 +251,7 @@ pub fn run(args: &FoldArgs, swept: &[Swept], command: &str, rt: &Runtime) -> Res
     let targets = targets(&args.out, command, &values, &args.inputs, args.dry_run, rt)?;
     let result = run_to(args, swept, command, &targets, started, rt);
     if result.is_err() {
-        targets.remove_created();
+        targets.remove_created(rt);
     }
     result
 }
@@ -501,7 +495,7 @@ pub fn one(plan: &Plan, mut record: Value, params: &Value, how: &Run, rt: &Runti
     let (mut files, bytes) = writer.finish(rt)?;
     files.extend(copy_companions(how, rt)?);
     commit_all(rt, files)?;
-    publish(how.dirs)?;
+    publish(how.dirs, rt)?;
     let secs = how.started.elapsed().as_secs_f64();
     if how.out.json {
         record["output"] = json!(written);
@@ -589,7 +583,7 @@ pub fn many(
     }
     files.extend(copy_companions(how, rt)?);
     commit_all(rt, files)?;
-    publish(how.dirs)?;
+    publish(how.dirs, rt)?;
     let secs = how.started.elapsed().as_secs_f64();
     if how.out.json {
         let mut outs = outputs_json(&bytes);

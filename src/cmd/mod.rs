@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use crate::cli::{OutFormat, OutputArgs};
 use crate::error::{Error, Result};
 use crate::fold::Progress;
+use crate::output::dcp::Extra;
 use crate::output::Writer;
 use crate::plan::Plan;
 use crate::runtime::Runtime;
@@ -115,11 +116,24 @@ pub fn create_writer(
                 if with_tensors.contains(&t) && !written.contains(&t) {
                     continue;
                 }
-                let f = &c.files()[*file];
-                let mut raw = vec![0u8; *len as usize];
-                std::os::unix::fs::FileExt::read_exact_at(f.file(), &mut raw, *off)
-                    .map_err(|e| Error::io(f.path(), e))?;
-                extra.push((fqn.clone(), raw));
+                extra.push(Extra::Copied(
+                    fqn.clone(),
+                    c.files()[*file].file(),
+                    *off,
+                    *len,
+                ));
+            }
+        }
+        // The output's step, for inputs that had none to copy (or were not DCP).
+        let has_step = extra
+            .iter()
+            .any(|x| matches!(x, Extra::Copied(f, ..) if f == "step" || f == "train_state.step"));
+        if !has_step {
+            if let Some(n) = metadata
+                .get("step")
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                extra.push(Extra::Made("step".into(), crate::output::dcp::int_item(n)));
             }
         }
         let w = crate::output::dcp::DcpWriter::create(

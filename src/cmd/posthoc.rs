@@ -209,7 +209,7 @@ pub fn run(args: &PosthocArgs, rt: &Runtime) -> Result<()> {
     let targets = targets(&args.out, "posthoc", &values, &files, args.dry_run, rt)?;
     let result = run_to(args, rt, started, &swept, &values, files, named, &targets);
     if result.is_err() {
-        targets.remove_created();
+        targets.remove_created(rt);
     }
     result
 }

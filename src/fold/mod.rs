@@ -252,10 +252,9 @@ impl<'p> Work<'p> {
             let size = t.dtype.size() as u64;
             let (file, offset) = match &t.segments {
                 Some(segs) => {
-                    let seg = segs
-                        .iter()
-                        .find(|g| g.start <= from * size && from * size < g.start + g.len)
-                        .expect("segments cover the tensor");
+                    // Sorted by start and covering the tensor: the last starting at or before.
+                    let k = segs.partition_point(|g| g.start <= from * size) - 1;
+                    let seg = &segs[k];
                     (seg.file, seg.offset + from * size - seg.start)
                 }
                 None => (t.file, t.offset + from * size),

@@ -25,6 +25,52 @@ pub const DATA_FILE: &str = "__0_0.distcp";
 /// DCP's metadata classes.
 const MD: &str = "torch.distributed.checkpoint.metadata";
 
+/// A non-tensor entry to write: its FQN and its `torch.save` bytes, made here or copied from
+/// a range of an input's file.
+pub enum Extra<'a> {
+    Made(String, Vec<u8>),
+    Copied(String, &'a std::fs::File, u64, u64),
+}
+
+impl Extra<'_> {
+    fn fqn(&self) -> &str {
+        match self {
+            Extra::Made(f, _) | Extra::Copied(f, ..) => f,
+        }
+    }
+}
+
+/// The `torch.save` bytes of the integer `n` (`data.pkl` and the records torch writes).
+pub fn int_item(n: u64) -> Vec<u8> {
+    let mut w = PickleWriter::new();
+    w.int(n);
+    let pickle = w.stop();
+    let records: [(&str, &[u8]); 5] = [
+        ("data.pkl", &pickle),
+        (".format_version", b"1"),
+        (".storage_alignment", b"64"),
+        ("byteorder", b"little"),
+        ("version", b"3\n"),
+    ];
+    let spec: Vec<(String, u64)> = records
+        .iter()
+        .map(|(n, d)| (format!("{PREFIX}{n}"), d.len() as u64))
+        .collect();
+    let (entries, cd_offset) = zw::plan(&spec);
+    let mut out = vec![0u8; cd_offset as usize];
+    let mut with = Vec::with_capacity(entries.len());
+    for (e, (_, data)) in entries.iter().zip(records) {
+        let crc = crc32fast::hash(data);
+        let mut h = e.header.clone();
+        h[14..18].copy_from_slice(&crc.to_le_bytes());
+        out[e.local_offset as usize..e.local_offset as usize + h.len()].copy_from_slice(&h);
+        out[e.data_offset as usize..e.data_offset as usize + data.len()].copy_from_slice(data);
+        with.push((e, crc));
+    }
+    out.extend(zw::central_directory(&with, cd_offset));
+    out
+}
+
 /// One tensor's `torch.save` zip inside the data file.
 struct Item {
     /// Where its zip starts in the data file.
@@ -54,7 +100,7 @@ impl DcpWriter {
         dir: &Path,
         force: bool,
         tensors: &[TensorSpec],
-        extra: &[(String, Vec<u8>)],
+        extra: &[Extra],
         planner: &HashMap<String, Vec<PathKey>>,
         rt: &Runtime,
     ) -> Result<DcpWriter> {
@@ -62,10 +108,28 @@ impl DcpWriter {
         let mut items = Vec::with_capacity(tensors.len());
         let mut base = 0u64;
         let mut bytes_at = Vec::with_capacity(extra.len());
-        for (fqn, raw) in extra {
-            data.write_at(base, raw)?;
-            bytes_at.push((fqn.as_str(), base, raw.len() as u64));
-            base += raw.len() as u64;
+        for x in extra {
+            let len = match x {
+                Extra::Made(_, raw) => {
+                    data.write_at(base, raw)?;
+                    raw.len() as u64
+                }
+                Extra::Copied(_, file, off, len) => {
+                    // Through a bounded buffer: an entry may be large.
+                    let mut buf = vec![0u8; (*len).min(8 << 20) as usize];
+                    let mut done = 0u64;
+                    while done < *len {
+                        let k = (*len - done).min(buf.len() as u64) as usize;
+                        std::os::unix::fs::FileExt::read_exact_at(*file, &mut buf[..k], off + done)
+                            .map_err(|e| Error::io(dir, e))?;
+                        data.write_at(base + done, &buf[..k])?;
+                        done += k as u64;
+                    }
+                    *len
+                }
+            };
+            bytes_at.push((x.fqn(), base, len));
+            base += len;
         }
         for t in tensors {
             let pickle = tensor_pickle(t);
@@ -132,7 +196,12 @@ impl DcpWriter {
     pub fn write(&self, tensor: usize, off: u64, bytes: &[u8]) -> Result<()> {
         let it = &self.items[tensor];
         let e = &it.entries[it.data];
-        debug_assert!(off + bytes.len() as u64 <= e.size);
+        if off + bytes.len() as u64 > e.size {
+            return Err(Error::Output {
+                path: self.dir.clone(),
+                what: format!("internal error: a write past the end of tensor {tensor}"),
+            });
+        }
         self.data.write_at(it.base + e.data_offset + off, bytes)?;
         self.chunks[tensor].add(off, bytes);
         Ok(())

@@ -215,13 +215,14 @@ pub(crate) fn flatten_pickle_bytes(bytes: &[u8]) -> Result<Vec<TorchTensor>> {
 }
 
 /// The one tensor of the `torch.save` zip lying at `base .. base + len` of `file` (a chunk
-/// of a DCP checkpoint): its view, and the offset in `file` of its first element.
+/// of a DCP checkpoint): its view, the offset in `file` of its first element, and the bytes
+/// of its storage.
 pub(crate) fn chunk_at(
     file: &std::fs::File,
     base: u64,
     len: u64,
     path: &Path,
-) -> Result<(TorchTensor, u64)> {
+) -> Result<(TorchTensor, u64, u64)> {
     let a = Archive::read(&zip::Source::Part(file, base, len), path)?;
     let [t] = a.tensors.as_slice() else {
         return Err(Error::format(
@@ -234,7 +235,7 @@ pub(crate) fn chunk_at(
     };
     let s = &a.storages[t.storage];
     let at = base + s.data_offset + t.storage_offset * t.dtype.size() as u64;
-    Ok((t.clone(), at))
+    Ok((t.clone(), at, s.nbytes))
 }
 
 /// What the `torch.save` zip at `base .. base + len` of `file` holds besides tensors (a
