@@ -30,25 +30,11 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "ema-tool {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
+    common::ok_in(&root(), args)
 }
 
 fn tensors(path: &str) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
-    let c = Checkpoint::open(Path::new(path), Open::Readable).unwrap_or_else(|e| panic!("{e}"));
-    c.tensors()
-        .iter()
-        .map(|t| {
-            let mut b = vec![0u8; t.len as usize];
-            c.read_at(t, 0, &mut b).unwrap();
-            (t.name.clone(), (t.dtype.to_string(), t.shape.clone(), b))
-        })
-        .collect()
+    common::read_tensors(path)
 }
 
 #[test]

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::run_in;
-use ema_tool::checkpoint::{Checkpoint, Open};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -33,13 +32,7 @@ fn run(args: &[&str]) -> Output {
 }
 
 fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "ema-tool {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
+    common::ok_in(&fixtures(), args)
 }
 
 /// Runs and expects exit status 1 with one line on stderr; returns it.
@@ -57,15 +50,7 @@ fn fails(args: &[&str]) -> String {
 
 /// Every tensor of a checkpoint, read by ema-tool's readers: name → (dtype, shape, bytes).
 fn tensors(path: &str) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
-    let c = Checkpoint::open(Path::new(path), Open::Readable).unwrap_or_else(|e| panic!("{e}"));
-    c.tensors()
-        .iter()
-        .map(|t| {
-            let mut b = vec![0u8; t.len as usize];
-            c.read_at(t, 0, &mut b).unwrap();
-            (t.name.clone(), (t.dtype.to_string(), t.shape.clone(), b))
-        })
-        .collect()
+    common::read_tensors(path)
 }
 
 /// The two checkpoints hold the same tensors, bit for bit.

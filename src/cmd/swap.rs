@@ -96,9 +96,51 @@ pub fn run(args: &SwapArgs, rt: &Runtime) -> Result<()> {
         });
         (plan::swap::swap(ckpt, &pairing, output.clone()), record)
     };
-    let metadata = provenance(&base, record.clone());
-    let (writer, written) = create_writer(&plan, 0, &args.out, &metadata, rt)?;
-    copy(&plan, &writer, args.out.quiet, args.out.check_finite, rt)?;
+    let what = if args.deploy {
+        format!(
+            "deployed {} {} tensors from the {} side; {} layout",
+            plan.tensors.len(),
+            if args.raw { "raw" } else { "EMA" },
+            record["taken_from"].as_str().unwrap_or("?"),
+            pairing.layout.name(),
+        )
+    } else {
+        format!(
+            "swapped {} pairs; {} layout, EMA was on the {} side",
+            pairing.pairs.len(),
+            pairing.layout.name(),
+            ema_side.name()
+        )
+    };
+    write(
+        &plan,
+        record,
+        &base,
+        pairing.pairs.len(),
+        &what,
+        args,
+        started,
+        rt,
+    )
+}
+
+/// Writes the output of a swap or deploy `plan`, with `record` as its provenance over `base`,
+/// then its summary: `record` with the output's figures on stdout (`--json`), or `what` on
+/// stderr.
+#[allow(clippy::too_many_arguments)]
+fn write(
+    plan: &Plan,
+    record: serde_json::Value,
+    base: &std::collections::BTreeMap<String, String>,
+    pairs: usize,
+    what: &str,
+    args: &SwapArgs,
+    started: Instant,
+    rt: &Runtime,
+) -> Result<()> {
+    let metadata = provenance(base, record.clone());
+    let (writer, written) = create_writer(plan, 0, &args.out, &metadata, rt)?;
+    copy(plan, &writer, args.out.quiet, args.out.check_finite, rt)?;
     let bytes = writer.commit(rt)?;
     let secs = started.elapsed().as_secs_f64();
     if args.out.json {
@@ -107,26 +149,10 @@ pub fn run(args: &SwapArgs, rt: &Runtime) -> Result<()> {
         summary["output"] = json!(written);
         summary["bytes"] = json!(bytes);
         summary["tensors"] = json!(plan.tensors.len());
-        summary["pairs"] = json!(pairing.pairs.len());
+        summary["pairs"] = json!(pairs);
         summary["seconds"] = json!(secs);
         print_json(&summary)?;
     } else if !args.out.quiet {
-        let what = if args.deploy {
-            format!(
-                "deployed {} {} tensors from the {} side; {} layout",
-                plan.tensors.len(),
-                if args.raw { "raw" } else { "EMA" },
-                record["taken_from"].as_str().unwrap_or("?"),
-                pairing.layout.name(),
-            )
-        } else {
-            format!(
-                "swapped {} pairs; {} layout, EMA was on the {} side",
-                pairing.pairs.len(),
-                pairing.layout.name(),
-                ema_side.name()
-            )
-        };
         eprintln!(
             "ema-tool: wrote {} ({what}; {})",
             written.display(),
@@ -270,28 +296,11 @@ fn deploy_unpaired(
     let mut base = ckpt.metadata().clone();
     base.remove("ema_tool");
     let plan = plan::swap::deploy(ckpt, deployed, args.out.dtype.map(Into::into), output)?;
-    let metadata = provenance(&base, record.clone());
-    let (writer, written) = create_writer(&plan, 0, &args.out, &metadata, rt)?;
-    copy(&plan, &writer, args.out.quiet, args.out.check_finite, rt)?;
-    let bytes = writer.commit(rt)?;
-    if args.out.json {
-        let mut summary = record;
-        summary["input"] = json!(args.input);
-        summary["output"] = json!(written);
-        summary["bytes"] = json!(bytes);
-        summary["tensors"] = json!(plan.tensors.len());
-        summary["pairs"] = json!(0);
-        summary["seconds"] = json!(started.elapsed().as_secs_f64());
-        print_json(&summary)?;
-    } else if !args.out.quiet {
-        eprintln!(
-            "ema-tool: wrote {} (deployed {} tensors as they are: no EMA/raw pairs; {})",
-            written.display(),
-            plan.tensors.len(),
-            human_bytes(bytes)
-        );
-    }
-    Ok(())
+    let what = format!(
+        "deployed {} tensors as they are: no EMA/raw pairs",
+        plan.tensors.len()
+    );
+    write(&plan, record, &base, 0, &what, args, started, rt)
 }
 
 /// Runs the copies of a swap or deploy plan on the CPU into `writer`, with a progress bar.

@@ -483,3 +483,28 @@ pub fn with_file_size_limit(cmd: &mut Command, limit: u64) {
         });
     }
 }
+
+/// Every tensor of a checkpoint as ema-tool's readers give it: name → (dtype, shape, bytes).
+pub fn read_tensors(path: &str) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    use ema_tool::checkpoint::{Checkpoint, Open};
+    let c = Checkpoint::open(Path::new(path), Open::Readable).unwrap_or_else(|e| panic!("{e}"));
+    c.tensors()
+        .iter()
+        .map(|t| {
+            let mut b = vec![0u8; t.len as usize];
+            c.read_at(t, 0, &mut b).unwrap();
+            (t.name.clone(), (t.dtype.to_string(), t.shape.clone(), b))
+        })
+        .collect()
+}
+
+/// Runs the binary in `dir` and expects success; returns stdout.
+pub fn ok_in(dir: &Path, args: &[&str]) -> String {
+    let o = run_in(dir, args);
+    assert!(
+        o.status.success(),
+        "ema-tool {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
