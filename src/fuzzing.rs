@@ -28,3 +28,20 @@ pub fn pickle_names(bytes: &[u8]) -> Result<Vec<String>> {
 pub fn dcp_metadata(bytes: &[u8]) -> Result<usize> {
     crate::checkpoint::dcp::parse_metadata_bytes(bytes)
 }
+
+/// Opens the checkpoint file at `path` as the command line does and reads every tensor it
+/// reports (targets `torch_reader`, `torch_legacy`): a tensor that was reported but does not
+/// read back, or an error of more than one line, is a panic.
+pub fn open_and_read(path: &std::path::Path) {
+    use crate::checkpoint::{Checkpoint, Open};
+    match Checkpoint::open(path, Open::Readable) {
+        Ok(c) => {
+            for t in c.tensors() {
+                assert!(t.len <= c.files()[t.file].len());
+                let mut buf = vec![0u8; t.len as usize];
+                c.read_at(t, 0, &mut buf).expect("a validated tensor reads");
+            }
+        }
+        Err(e) => assert!(!e.to_string().contains('\n')),
+    }
+}

@@ -52,14 +52,9 @@ fn json(args: &[&str]) -> Value {
 
 /// Every tensor of a checkpoint: name → (dtype, shape, bytes).
 fn tensors(path: &str) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
-    let c = Checkpoint::open(Path::new(path), Open::Readable).unwrap_or_else(|e| panic!("{e}"));
-    c.tensors()
-        .iter()
-        .map(|t| {
-            let mut b = vec![0u8; t.len as usize];
-            c.read_at(t, 0, &mut b).unwrap();
-            (t.name.clone(), t.dtype.to_string(), t.shape.clone(), b)
-        })
+    common::read_tensors(path)
+        .into_iter()
+        .map(|(n, (d, s, b))| (n, d, s, b))
         .collect()
 }
 

@@ -20,7 +20,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::torch::{chunk_at, object_at};
+use super::torch::{chunk_at, is_contiguous, object_at};
 use super::{DataFile, Format, Found, Open, Skipped};
 use crate::codec::pickle::{self, Id, Pickle, Value};
 use crate::codec::{DType, Segment, TensorInfo};
@@ -290,9 +290,7 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
                         ),
                     ));
                 }
-                let rm = row_major(&shape);
-                let contiguous = shape.contains(&0)
-                    || (0..shape.len()).all(|d| shape[d] == 1 || stride[d] == rm[d]);
+                let contiguous = is_contiguous(&shape, &stride);
                 located.push((fi, data, stride, contiguous));
             }
             all_located.push(located);
@@ -472,10 +470,7 @@ fn assemble(
         return Ok(());
     }
     // Row-major strides of the global tensor, in elements.
-    let mut gstride = vec![1u64; n];
-    for d in (0..n.saturating_sub(1)).rev() {
-        gstride[d] = gstride[d + 1] * shape[d + 1];
-    }
+    let gstride = row_major(shape);
     // The run: elements copied at once, over the innermost dims [inner, n), where the chunk's
     // elements are one run of its storage and the global tensor's one run too.
     let mut run = 1u64;
@@ -536,8 +531,8 @@ fn safetensors_at(f: &DataFile, off: u64) -> Result<Vec<TensorInfo>> {
 }
 
 /// Row-major strides of `shape`, in elements.
-fn row_major(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1usize; shape.len()];
+fn row_major<T: Copy + std::ops::Mul<Output = T> + From<u8>>(shape: &[T]) -> Vec<T> {
+    let mut s = vec![T::from(1); shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
         s[d] = s[d + 1] * shape[d + 1];
     }

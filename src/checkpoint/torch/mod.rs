@@ -25,7 +25,7 @@ use std::path::Path;
 
 use archive::Archive;
 pub use archive::{Storage, TopEntry, COMMENT_PREFIX};
-pub(crate) use views::TorchTensor;
+pub(crate) use views::{is_contiguous, TorchTensor};
 
 use super::step::TORCH_STEP_KEYS;
 use super::{DataFile, Format, Found, Open};

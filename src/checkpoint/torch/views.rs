@@ -39,7 +39,8 @@ impl TorchTensor {
     }
 }
 
-fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
+/// Whether elements of `shape` with `stride` are one row-major run (dims of 1 take any stride).
+pub(crate) fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
     if shape.contains(&0) {
         return true;
     }
