@@ -26,7 +26,9 @@ avg_checkpoints.py, when found or given with --timm-script), sweep4 and sweep8 (
 `ema-tool ema` run with 4 or 8 decays; -tmpfs: outputs on /dev/shm), sep4-tmpfs (4 runs of one
 decay each, one after the other). Then, untimed: ema-tool's
 output with 1 and 3 threads must be the same bytes as with the default, and is compared
-with the PyTorch script's; `ema-tool inspect` is timed on the largest checkpoint.
+with the PyTorch script's; `ema-tool inspect` is timed on the largest checkpoint. With
+sweeps on tmpfs, what a bare `pwrite` of one output to tmpfs costs (bench/write_floor.py) is
+measured too, and the report sets it beside what each output of a sweep adds.
 Needs Linux, Python 3.9+ and cargo (to build ema-tool and the generator).
 """
 
@@ -334,6 +336,14 @@ def bench_series(args, ema_tool, gen, name, count, mix, dtype, tools):
         walls = [run_measured([str(ema_tool), "inspect", str(inputs[-1])])["wall"]
                  for _ in range(20)]
         checks["inspect ms (median of 20)"] = round(statistics.median(walls) * 1000, 1)
+    if any(t.endswith("-tmpfs") and t.startswith("sweep") for t in tools):
+        # What the page cache alone takes to write one output, without ema-tool.
+        sys.path.insert(0, str(ROOT / "bench"))
+        import write_floor
+        path = Path("/dev/shm") / f"ema-tool-write-floor-{os.getpid()}.bin"
+        times = write_floor.measure(str(path), "pwrite", inputs[-1].stat().st_size, 7)
+        checks["pwrite of one output to tmpfs, CPU s (bench/write_floor.py)"] = round(
+            statistics.median(times), 3)
     for f in outdir.glob("last-*"):
         f.unlink()
 
@@ -407,6 +417,23 @@ def report(s):
                 c = statistics.median(a["cpu"] / b["cpu"] for a, b in zip(res[t], res[one]))
                 lines.append(f"- {what} / one fold, {where}: **{r[0]:.2f}×** wall "
                              f"[{r[1]:.2f}–{r[2]:.2f}], {c:.2f}× CPU")
+    w = s["checks"].get("pwrite of one output to tmpfs, CPU s (bench/write_floor.py)")
+    for t, k in (("sweep4-tmpfs", 4), ("sweep8-tmpfs", 8)):
+        if w is None or t not in res or "ema-tmpfs" not in res:
+            continue
+        one = res["ema-tmpfs"]
+        f = statistics.median(m["wall"] for m in one)
+        med = lambda ms, key: statistics.median(m[key] for m in ms)
+        du = (med(res[t], "user") - med(one, "user")) / (k - 1)
+        ds = (med(res[t], "sys") - med(one, "sys")) / (k - 1)
+        cores = os.cpu_count() or 1
+        alone = 1 + (k - 1) * w / cores / f
+        both = 1 + (k - 1) * (w + du) / cores / f
+        lines.append(
+            f"- {k}-value sweep, each output beyond the first: {du:.3f} s user + {ds:.3f} s sys "
+            f"(a bare pwrite of one output: {w:.3f} s); with one fold at {f:.3f} s on {cores} "
+            f"cores, the page cache alone puts the sweep at ≥ {alone:.2f}× one fold, and with "
+            f"the arithmetic at ≥ {both:.2f}×")
     for k, v in s["checks"].items():
         lines.append(f"- {k}: {v if not isinstance(v, float) else f'{v:.3g}'}")
     for n in s["notes"]:

@@ -2,7 +2,9 @@
 //! item of the CPU executor (8 inputs, 1 MiB of input in all: 32 Ki f32 elements each), in
 //! cache. Run `cargo bench --bench kernels`; criterion reports GiB/s and flags regressions
 //! against the previous run. `mixed` folds inputs of four dtypes into bf16 (the path for
-//! inputs of different dtypes and for `--dtype`).
+//! inputs of different dtypes and for `--dtype`). `sweep` folds the same f32 item into 1, 4
+//! and 8 outputs at once (a sweep's arithmetic), in elements of output per second: what each
+//! output of a sweep adds in CPU time, beside the writing of it.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ema_tool::codec::convert::encode;
@@ -91,5 +93,27 @@ fn fold(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fold);
+fn sweep(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sweep");
+    let n = ITEM_BYTES / INPUTS / 4;
+    let data: Vec<Vec<u8>> = (0..INPUTS)
+        .map(|k| values(DType::F32, n, k as u64 + 1))
+        .collect();
+    let inputs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    let dtypes = vec![DType::F32; INPUTS];
+    for k in [1, 4, 8] {
+        let weights: Vec<f64> = (0..INPUTS * k).map(|i| 1.0 / (i + 1) as f64).collect();
+        let mut outs = vec![vec![0u8; n * 4]; k];
+        group.throughput(Throughput::Elements((n * k) as u64));
+        group.bench_function(BenchmarkId::new("8 inputs f32, outputs", k), |b| {
+            b.iter(|| {
+                let mut refs: Vec<&mut [u8]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                fold_into(&dtypes, &weights, &inputs, DType::F32, &mut refs, |_, _| {})
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fold, sweep);
 criterion_main!(benches);
