@@ -563,3 +563,30 @@ fn edm2_snapshots_give_posthoc_their_profiles() {
         );
     }
 }
+
+#[test]
+fn errors_in_a_pickle_file_name_no_zip_record() {
+    // `pickle.dump({"w": torch._utils._rebuild_tensor_v2(5, 0, (1,), (1,)…)})`, by hand: the
+    // storage is a number. The file is the pickle (there is no `data.pkl` record, as in a zip
+    // archive, to name).
+    let d = tempfile::tempdir().unwrap();
+    for (args, fragment) in [
+        (
+            &b"(K\x05K\x00K\x01\x85K\x01\x85t"[..],
+            "tensor `w`: malformed torch._utils._rebuild_tensor_v2 call: 4 arguments",
+        ),
+        (
+            &b"(K\x05K\x00K\x01\x85K\x01\x85\x89}t"[..],
+            "tensor `w`: malformed pickle: the storage is not a persistent id",
+        ),
+    ] {
+        let mut pkl = b"\x80\x04}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n".to_vec();
+        pkl.extend_from_slice(args);
+        pkl.extend_from_slice(b"Rs.");
+        let file = d.path().join("bad.pkl");
+        std::fs::write(&file, &pkl).unwrap();
+        let err = fails(&["inspect", file.to_str().unwrap()]);
+        common::assert_one_line_error(&err, fragment, "plain pickle");
+        assert!(!err.contains("data.pkl"), "{err}");
+    }
+}

@@ -35,6 +35,10 @@ pub(super) trait Storages {
     /// (`torch.storage._load_from_bytes`, a legacy-format file of the storage); its record is
     /// then [`Storages::record`] of the key returned.
     fn embedded(&mut self, at: u64, len: u64) -> Result<Embedded>;
+
+    /// Whether the pickle is the `data.pkl` record of a zip archive, which messages name; the
+    /// pickle of a legacy file or of `pickle.dump` is the file itself.
+    const IN_ZIP: bool = true;
 }
 
 /// [`Storages`] of a zip archive: `F` finds the `data/<key>` records; no storage is embedded
@@ -356,8 +360,24 @@ pub(super) fn usize_seq(p: &Pickle, id: Id) -> Option<Vec<usize>> {
 
 impl<'p, F: Storages> Walker<'p, F> {
     pub(super) fn bad(&self, what: String) -> Error {
-        Error::format(self.path, format!("data.pkl: {what}"))
+        match F::IN_ZIP {
+            true => Error::format(self.path, format!("data.pkl: {what}")),
+            false => Error::format(self.path, what),
+        }
     }
+
+    /// `malformed data.pkl`, or `malformed pickle` outside a zip archive: how the messages
+    /// about a pickle's broken structure start.
+    pub(super) const MALFORMED: &'static str = match F::IN_ZIP {
+        true => "malformed data.pkl",
+        false => "malformed pickle",
+    };
+
+    /// ` in data.pkl`, or nothing outside a zip archive (the file is the pickle).
+    pub(super) const IN_PICKLE: &'static str = match F::IN_ZIP {
+        true => " in data.pkl",
+        false => "",
+    };
 
     pub(super) fn charge_text(&mut self, n: usize) -> Result<()> {
         self.text = self.text.saturating_add(n);

@@ -175,6 +175,8 @@ pub(super) struct FileStorages<'a> {
 }
 
 impl Storages for FileStorages<'_> {
+    const IN_ZIP: bool = false;
+
     fn record(&mut self, key: &str) -> Result<(zip::Entry, u64, u64)> {
         match self.keyed.get(key) {
             Some(&(offset, len)) => Ok((zip::Entry::default(), offset, len)),

@@ -30,7 +30,7 @@ impl<'p, F: Storages> Walker<'p, F> {
             Error::tensor(
                 w.path,
                 name,
-                format!("malformed {} call in data.pkl: {what}", g.dotted()),
+                format!("malformed {} call{}: {what}", g.dotted(), Self::IN_PICKLE),
             )
         };
         let args = self
@@ -124,7 +124,10 @@ impl<'p, F: Storages> Walker<'p, F> {
             return Err(Error::tensor(
                 self.path,
                 name,
-                "malformed data.pkl: parameter rebuild calls nested too deeply",
+                format!(
+                    "{}: parameter rebuild calls nested too deeply",
+                    Self::MALFORMED
+                ),
             ));
         }
         match self.p.get(data) {
@@ -138,7 +141,10 @@ impl<'p, F: Storages> Walker<'p, F> {
             _ => Err(Error::tensor(
                 self.path,
                 name,
-                "malformed data.pkl: a parameter whose data is not a tensor",
+                format!(
+                    "{}: a parameter whose data is not a tensor",
+                    Self::MALFORMED
+                ),
             )),
         }
     }
@@ -160,27 +166,43 @@ impl<'p, F: Storages> Walker<'p, F> {
                     .ok_or_else(|| {
                         terr(
                             self,
-                            "malformed data.pkl: a persistent id that is not ('storage', type, \
-                             key, location, numel)",
+                            &format!(
+                                "{}: a persistent id that is not ('storage', type, key, \
+                                 location, numel)",
+                                Self::MALFORMED
+                            ),
                         )
                     })?
                     .to_vec();
                 let storage_type = self
                     .p
                     .global(items[1])
-                    .ok_or_else(|| terr(self, "malformed data.pkl: storage type is not a global"))?
+                    .ok_or_else(|| {
+                        terr(
+                            self,
+                            &format!("{}: storage type is not a global", Self::MALFORMED),
+                        )
+                    })?
                     .clone();
                 let key_of = |w: &Self, id: Id| match w.p.get(id) {
                     Value::Str(s) => Ok(s.to_string()),
                     Value::Int(i) => Ok(i.to_string()),
-                    _ => Err(terr(w, "malformed data.pkl: storage key is not a string")),
+                    _ => Err(terr(
+                        w,
+                        &format!("{}: storage key is not a string", Self::MALFORMED),
+                    )),
                 };
                 let key = key_of(self, items[2])?;
                 let numel = self
                     .p
                     .int(items[4])
                     .and_then(|n| u64::try_from(n).ok())
-                    .ok_or_else(|| terr(self, "malformed data.pkl: storage size is not a count"))?;
+                    .ok_or_else(|| {
+                        terr(
+                            self,
+                            &format!("{}: storage size is not a count", Self::MALFORMED),
+                        )
+                    })?;
                 // Legacy views of a storage: (root key, offset, size).
                 match items.get(5).map(|&v| self.p.get(v)) {
                     None | Some(Value::None) => Ok((key, storage_type, numel, 0)),
@@ -237,7 +259,7 @@ impl<'p, F: Storages> Walker<'p, F> {
             }
             _ => Err(terr(
                 self,
-                "malformed data.pkl: the storage is not a persistent id",
+                &format!("{}: the storage is not a persistent id", Self::MALFORMED),
             )),
         }
     }
@@ -265,7 +287,11 @@ impl<'p, F: Storages> Walker<'p, F> {
             _ => {
                 return Err(terr(
                     self,
-                    format!("unknown storage type {} in data.pkl", storage_type.dotted()),
+                    format!(
+                        "unknown storage type {}{}",
+                        storage_type.dotted(),
+                        Self::IN_PICKLE
+                    ),
                 ))
             }
         };
@@ -316,26 +342,27 @@ impl<'p, F: Storages> Walker<'p, F> {
             .ok_or_else(|| {
                 terr(
                     self,
-                    "malformed data.pkl: storage offset is not a count".into(),
+                    format!("{}: storage offset is not a count", Self::MALFORMED),
                 )
             })?;
         let shape = usize_seq(self.p, size).ok_or_else(|| {
             terr(
                 self,
-                "malformed data.pkl: size is not a tuple of counts".into(),
+                format!("{}: size is not a tuple of counts", Self::MALFORMED),
             )
         })?;
         let stride = usize_seq(self.p, stride).ok_or_else(|| {
             terr(
                 self,
-                "malformed data.pkl: stride is not a tuple of counts".into(),
+                format!("{}: stride is not a tuple of counts", Self::MALFORMED),
             )
         })?;
         if shape.len() != stride.len() {
             return Err(terr(
                 self,
                 format!(
-                    "malformed data.pkl: size {shape:?} and stride {stride:?} differ in length"
+                    "{}: size {shape:?} and stride {stride:?} differ in length",
+                    Self::MALFORMED
                 ),
             ));
         }
