@@ -128,19 +128,7 @@ fn folds_equal_the_references() {
     for c in cases["folds"].as_array().unwrap() {
         let name = c["name"].as_str().unwrap();
         let o = d.path().join(format!("{name}.safetensors"));
-        let mut args: Vec<String> = c["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap().to_string())
-            .collect();
-        args.extend(
-            c["inputs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| fx(x.as_str().unwrap())),
-        );
+        let mut args = common::case_args(c, &root());
         args.extend(["-o".into(), o.to_string_lossy().into_owned()]);
         ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let (got, _) = common::load(&o);

@@ -24,15 +24,7 @@ fn cases() -> Vec<Value> {
 fn check_case(case: &Value, dir: &std::path::Path, extra: &[&str]) -> Result<(), String> {
     let name = case["name"].as_str().unwrap();
     let out = dir.join(format!("{name}.safetensors"));
-    let mut args: Vec<String> = case["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_string())
-        .collect();
-    for i in case["inputs"].as_array().unwrap() {
-        args.push(fixtures().join(i.as_str().unwrap()).display().to_string());
-    }
+    let mut args = common::case_args(case, &fixtures());
     args.extend([
         "-o".to_string(),
         out.display().to_string(),

@@ -262,19 +262,7 @@ fn folds_equal_the_reference_averages() {
         let name = str_of(c, "name").unwrap();
         let o = d.path().join(format!("{name}.safetensors"));
         let o = o.to_str().unwrap();
-        let mut args: Vec<String> = c["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap().to_string())
-            .collect();
-        args.extend(
-            c["inputs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| fx(x.as_str().unwrap())),
-        );
+        let mut args = common::case_args(c, &fixtures());
         args.extend(["-o".into(), o.to_string()]);
         ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let rtol = c["rtol"].as_f64().unwrap();
@@ -303,19 +291,11 @@ fn hf_outputs_are_directories_that_from_pretrained_loads() {
     for c in cases["hf"].as_array().unwrap() {
         let name = str_of(c, "name").unwrap();
         let dir = format!("{}/", d.path().join(name).display());
-        let inputs: Vec<String> = c["inputs"]
-            .as_array()
-            .unwrap()
+        let inputs: Vec<String> = common::strings(&c["inputs"])
             .iter()
-            .map(|x| fx(x.as_str().unwrap()))
+            .map(|i| fx(i))
             .collect();
-        let mut args: Vec<String> = c["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap().to_string())
-            .collect();
-        args.extend(inputs.iter().cloned());
+        let mut args = common::case_args(c, &fixtures());
         args.extend(["-o".into(), dir.clone()]);
         ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let want: Vec<&str> = c["files"]

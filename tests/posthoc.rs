@@ -14,16 +14,7 @@ fn cases() -> Value {
 }
 
 fn args_of(case: &Value) -> Vec<String> {
-    let mut args: Vec<String> = case["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_string())
-        .collect();
-    for i in case["inputs"].as_array().unwrap() {
-        args.push(fixtures().join(i.as_str().unwrap()).display().to_string());
-    }
-    args
+    common::case_args(case, &fixtures())
 }
 
 #[test]

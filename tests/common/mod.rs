@@ -508,3 +508,27 @@ pub fn ok_in(dir: &Path, args: &[&str]) -> String {
     );
     String::from_utf8(o.stdout).unwrap()
 }
+
+/// The strings of the JSON array `v` (a case's `args`, say).
+pub fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| {
+            x.as_str()
+                .unwrap_or_else(|| panic!("not a string: {x}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// The command of a fixture case: its `args`, then its `inputs` as paths under `base`.
+pub fn case_args(case: &serde_json::Value, base: &Path) -> Vec<String> {
+    let mut args = strings(&case["args"]);
+    args.extend(
+        strings(&case["inputs"])
+            .iter()
+            .map(|i| base.join(i).to_string_lossy().into_owned()),
+    );
+    args
+}
