@@ -506,6 +506,28 @@ pub mod write {
         (out, off)
     }
 
+    /// A whole archive of `records` (name, data), laid out by [`plan`], in memory: for small
+    /// archives (a non-tensor entry of a DCP checkpoint, tests).
+    pub fn archive(records: &[(String, &[u8])]) -> Vec<u8> {
+        let spec: Vec<(String, u64)> = records
+            .iter()
+            .map(|(n, d)| (n.clone(), d.len() as u64))
+            .collect();
+        let (entries, cd_offset) = plan(&spec);
+        let mut out = vec![0u8; cd_offset as usize];
+        let mut with = Vec::with_capacity(entries.len());
+        for (e, (_, data)) in entries.iter().zip(records) {
+            let crc = crc32fast::hash(data);
+            let mut h = e.header.clone();
+            h[14..18].copy_from_slice(&crc.to_le_bytes());
+            out[e.local_offset as usize..][..h.len()].copy_from_slice(&h);
+            out[e.data_offset as usize..][..data.len()].copy_from_slice(data);
+            with.push((e, crc));
+        }
+        out.extend(central_directory(&with, cd_offset));
+        out
+    }
+
     /// The central directory and end records for `entries` (with their CRCs), starting at
     /// `cd_offset`; zip64 end records are always written, as `torch.save` does.
     pub fn central_directory(entries: &[(&Planned, u32)], cd_offset: u64) -> Vec<u8> {

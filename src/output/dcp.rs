@@ -52,23 +52,11 @@ pub fn int_item(n: u64) -> Vec<u8> {
         ("byteorder", b"little"),
         ("version", b"3\n"),
     ];
-    let spec: Vec<(String, u64)> = records
+    let named: Vec<(String, &[u8])> = records
         .iter()
-        .map(|(n, d)| (format!("{PREFIX}{n}"), d.len() as u64))
+        .map(|(n, d)| (format!("{PREFIX}{n}"), *d))
         .collect();
-    let (entries, cd_offset) = zw::plan(&spec);
-    let mut out = vec![0u8; cd_offset as usize];
-    let mut with = Vec::with_capacity(entries.len());
-    for (e, (_, data)) in entries.iter().zip(records) {
-        let crc = crc32fast::hash(data);
-        let mut h = e.header.clone();
-        h[14..18].copy_from_slice(&crc.to_le_bytes());
-        out[e.local_offset as usize..e.local_offset as usize + h.len()].copy_from_slice(&h);
-        out[e.data_offset as usize..e.data_offset as usize + data.len()].copy_from_slice(data);
-        with.push((e, crc));
-    }
-    out.extend(zw::central_directory(&with, cd_offset));
-    out
+    zw::archive(&named)
 }
 
 /// One tensor's `torch.save` zip inside the data file.

@@ -38,7 +38,7 @@ pub(super) trait Storages {
 
     /// Whether the pickle is the `data.pkl` record of a zip archive, which messages name; the
     /// pickle of a legacy file or of `pickle.dump` is the file itself.
-    const IN_ZIP: bool = true;
+    const IN_ZIP: bool;
 }
 
 /// [`Storages`] of a zip archive: `F` finds the `data/<key>` records; no storage is embedded
@@ -46,6 +46,8 @@ pub(super) trait Storages {
 pub(super) struct Records<'a, F>(pub F, pub &'a Path);
 
 impl<F: FnMut(&str) -> Result<(zip::Entry, u64, u64)>> Storages for Records<'_, F> {
+    const IN_ZIP: bool = true;
+
     fn record(&mut self, key: &str) -> Result<(zip::Entry, u64, u64)> {
         (self.0)(key)
     }
@@ -360,24 +362,23 @@ pub(super) fn usize_seq(p: &Pickle, id: Id) -> Option<Vec<usize>> {
 
 impl<'p, F: Storages> Walker<'p, F> {
     pub(super) fn bad(&self, what: String) -> Error {
-        match F::IN_ZIP {
-            true => Error::format(self.path, format!("data.pkl: {what}")),
-            false => Error::format(self.path, what),
+        if F::IN_ZIP {
+            Error::format(self.path, format!("data.pkl: {what}"))
+        } else {
+            Error::format(self.path, what)
         }
     }
 
     /// `malformed data.pkl`, or `malformed pickle` outside a zip archive: how the messages
     /// about a pickle's broken structure start.
-    pub(super) const MALFORMED: &'static str = match F::IN_ZIP {
-        true => "malformed data.pkl",
-        false => "malformed pickle",
+    pub(super) const MALFORMED: &'static str = if F::IN_ZIP {
+        "malformed data.pkl"
+    } else {
+        "malformed pickle"
     };
 
     /// ` in data.pkl`, or nothing outside a zip archive (the file is the pickle).
-    pub(super) const IN_PICKLE: &'static str = match F::IN_ZIP {
-        true => " in data.pkl",
-        false => "",
-    };
+    pub(super) const IN_PICKLE: &'static str = if F::IN_ZIP { " in data.pkl" } else { "" };
 
     pub(super) fn charge_text(&mut self, n: usize) -> Result<()> {
         self.text = self.text.saturating_add(n);

@@ -197,6 +197,8 @@ pub(crate) fn flatten_pickle_bytes(bytes: &[u8]) -> Result<Vec<TorchTensor>> {
     /// Every record exists and is large; every embedded storage is one of floats.
     struct Any;
     impl flatten::Storages for Any {
+        const IN_ZIP: bool = true;
+
         fn record(&mut self, _: &str) -> Result<(zip::Entry, u64, u64)> {
             Ok((zip::Entry::default(), 0, 1 << 40))
         }
