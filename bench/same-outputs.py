@@ -164,8 +164,8 @@ def inspect_cases(cmp):
                    (".safetensors", ".pth", ".ckpt", ".tar", ".json", ".pt", ".pkl", ".bin") and
                    not p.name.endswith("cases.json"))
     files.append(FIX / "sharded")
-    # DCP checkpoints (directories holding .metadata), the broken ones among them; each
-    # readable one folded alone too.
+    # DCP checkpoints (directories holding .metadata), the broken ones among them; each one
+    # folded alone too (the broken ones fail the same way).
     dcp = sorted(p.parent for p in FIX.rglob(".metadata"))
     files += dcp
     for d in dcp:

@@ -59,7 +59,7 @@ pub(super) fn place(
         let t = &tensors[p.index];
         let mut chunks = Vec::with_capacity(p.chunks.len());
         for (c, &place) in p.chunks.iter().zip(&p.places) {
-            chunks.push(locate(
+            chunks.push(read_header(
                 files,
                 p.fqn,
                 t.dtype,
@@ -88,10 +88,10 @@ pub(super) fn place(
     Ok(())
 }
 
-/// Reads the header of chunk `c` of `fqn` at `place` and checks it against `.metadata`
-/// (`dtype`, the chunk's sizes); records the bytes it holds in `ranges`. `blobs` keeps the
-/// safetensors headers already read.
-fn locate<'e>(
+/// Reads the header of chunk `c` of `fqn`, whose bytes are at `(fi, off, len)`, and checks it
+/// against `.metadata` (`dtype`, the chunk's sizes); records the bytes it holds in `ranges`.
+/// `blobs` keeps the safetensors headers already read.
+fn read_header<'e>(
     files: &[DataFile],
     fqn: &'e str,
     dtype: DType,

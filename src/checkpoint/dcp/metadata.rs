@@ -28,7 +28,8 @@ type IndexKey = (String, Option<Vec<u64>>);
 pub(super) struct Chunk {
     pub offsets: Vec<u64>,
     pub sizes: Vec<u64>,
-    /// `(relative path, offset, length)` of its `torch.save` zip.
+    /// `(relative path, offset, length)` of its `torch.save` zip (or of its tensor in the
+    /// safetensors data that starts there).
     pub at: (String, u64, u64),
 }
 

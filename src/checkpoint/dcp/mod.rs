@@ -130,7 +130,7 @@ pub(crate) fn open(dir: &Path, how: Open) -> Result<Found> {
     let names = files.names();
     let chunk_counts = pending.iter().map(|p| p.chunks.len()).collect();
     let mut files = files.files;
-    // Opened for its header only, the chunks' own headers are not read.
+    // When only the header is asked for, the chunks' own headers are not read.
     let header_only = how == Open::HeaderOnly && !tensors.is_empty();
     if how != Open::HeaderOnly {
         chunks::place(dir, &mut files, &mut tensors, &pending)?;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::opcodes::*;
 use super::{Call, Global, Id, Limits, PResult, Pickle, PickleError, Value};
 
-/// Runs the machine over `data` (a [`scan`]ned stream when `scanned`).
+/// Runs the machine over `data` (a [`scan`](super::scan())ned stream when `scanned`).
 pub(super) fn run(data: &[u8], limits: &Limits, scanned: bool) -> PResult<Pickle> {
     let mut m = Machine {
         data,
@@ -38,7 +38,8 @@ struct Machine<'a> {
     stack: Vec<Id>,
     marks: Vec<usize>,
     memo: Memo,
-    /// The data is a [`scan`]ned stream: byte payloads are [`BYTES_AT`] references.
+    /// The data is a [`scan`](super::scan())ned stream: byte payloads are [`BYTES_AT`]
+    /// references.
     scanned: bool,
 }
 

@@ -15,7 +15,7 @@
 //! memo have caps ([`Limits`]).
 //!
 //! - `opcodes`: the opcodes, as named in Lib/pickle.py;
-//! - `scan`: a pickle in a file read without its byte payloads ([`scan`], [`Scanned`]);
+//! - `scan`: a pickle in a file read without its byte payloads ([`scan()`], [`Scanned`]);
 //! - `machine`: the opcodes run into the arena of values;
 //! - [`write`](mod@write): the pickles ema-tool writes (`torch.save`'s of a state dict).
 
@@ -73,7 +73,7 @@ pub enum Value {
     Float(f64),
     Str(Box<str>),
     /// `bytes` or `bytearray`: where its contents start in the pickle's source (the pickle's
-    /// own bytes, or the file that [`scan`] read it from) and how long they are. The contents
+    /// own bytes, or the file that [`scan()`] read it from) and how long they are. The contents
     /// are never read by the machine.
     Bytes {
         at: u64,
@@ -149,7 +149,7 @@ impl fmt::Display for PickleError {
 
 impl std::error::Error for PickleError {}
 
-pub(crate) type PResult<T> = Result<T, PickleError>;
+type PResult<T> = Result<T, PickleError>;
 
 /// A parsed pickle: the arena of values and the root.
 #[derive(Clone, Debug)]
@@ -166,7 +166,7 @@ impl Pickle {
         machine::run(data, limits, false)
     }
 
-    /// Runs the machine over a stream that [`scan`] compacted.
+    /// Runs the machine over a stream that [`scan()`] compacted.
     pub fn parse_scanned(s: &Scanned, limits: &Limits) -> PResult<Pickle> {
         let mut p = machine::run(&s.stream, limits, true)?;
         p.len = s.len;
