@@ -8,7 +8,8 @@ Each repetition creates a fresh file in --dir and fills it with --mb MB from a 5
 that is already in cache, in one of these ways, and takes the CPU time (user + sys) of this
 process from getrusage around it:
 
-* `pwrite`: `os.pwrite` of 512 KiB at a time (what ema-tool does, with `pwritev`);
+* `pwrite`: `os.pwrite` of 512 KiB at a time (ema-tool writes an output's ranges with
+  `pwritev`, in batches of 64 KiB to 1 MiB; the 8-value sweep's are 512 KiB);
 * `pwrite 64 KiB` and `pwrite 8 MiB`: the same with other sizes of write;
 * `fallocate + pwrite`: the pages allocated first, then written over;
 * `fallocate`: the allocation alone;
@@ -28,6 +29,7 @@ import os
 import resource
 import statistics
 import sys
+import time
 
 CHUNK = 512 << 10
 
@@ -48,8 +50,8 @@ def fill_pwrite(fd, size, buf):
 
 def way(name, size):
     """The function that fills a fresh file `fd` of `size` bytes the way `name` says."""
-    small, large = bytearray(b"\x01" * (64 << 10)), bytearray(b"\x01" * (8 << 20))
-    buf = bytearray(b"\x01" * CHUNK)
+    chunk = {"pwrite 64 KiB": 64 << 10, "pwrite 8 MiB": 8 << 20}.get(name, CHUNK)
+    buf = bytearray(b"\x01" * chunk)
 
     def pwrite(fd):
         fill_pwrite(fd, size, buf)
@@ -63,15 +65,16 @@ def way(name, size):
 
     def mapped(fd):
         os.ftruncate(fd, size)
+        view = memoryview(buf)
         with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
             for off in range(0, size, CHUNK):
                 n = min(CHUNK, size - off)
-                m[off:off + n] = buf[:n]
+                m[off:off + n] = view[:n]
 
     return {
         "pwrite": pwrite,
-        "pwrite 64 KiB": lambda fd: fill_pwrite(fd, size, small),
-        "pwrite 8 MiB": lambda fd: fill_pwrite(fd, size, large),
+        "pwrite 64 KiB": pwrite,
+        "pwrite 8 MiB": pwrite,
         "fallocate + pwrite": fallocate_pwrite,
         "fallocate": fallocate,
         "mmap": mapped,
@@ -79,22 +82,29 @@ def way(name, size):
 
 
 def measure(path, name, size, reps):
-    """CPU seconds of each of `reps` fills of a fresh file `path` the way `name` says."""
+    """CPU seconds of each of `reps` fills of a fresh file `path` the way `name` says; the file
+    is removed after each, and whatever happens."""
     times = []
     for _ in range(reps):
         if os.path.exists(path):
             os.unlink(path)
         fill = way(name, size)
-        c0 = cpu()
-        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
-        fill(fd)
-        os.close(fd)
-        times.append(cpu() - c0)
-        os.unlink(path)
+        try:
+            c0 = cpu()
+            fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
+            try:
+                fill(fd)
+            finally:
+                os.close(fd)
+            times.append(cpu() - c0)
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
     return times
 
 
 def measure_overwrite(path, size, reps):
+    """CPU seconds of each of `reps` writes over the pages of one file `path`."""
     buf = bytearray(b"\x01" * CHUNK)
     fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
     try:
@@ -118,6 +128,12 @@ def main():
     args = p.parse_args()
     size = int(args.mb * 1e6)
     path = os.path.join(args.dir, f"ema-tool-write-floor-{os.getpid()}.bin")
+    cpu_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                     if l.startswith("model name")), "?")
+    print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs ({cpu_name}), Linux "
+          f"{os.uname().release}; command: python3 bench/write_floor.py {' '.join(sys.argv[1:])}"
+          .rstrip())
+    print()
     print(f"{size / 1e6:.0f} MB per file in {args.dir}, {args.reps} repetitions; "
           "CPU seconds: median [min–max]")
     print()
