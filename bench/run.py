@@ -346,6 +346,8 @@ def bench_series(args, ema_tool, gen, name, count, mix, dtype, tools):
         path = Path("/dev/shm") / f"ema-tool-write-floor-{os.getpid()}.bin"
         times = write_floor.measure(str(path), "pwrite", inputs[-1].stat().st_size, args.reps)
         checks[BARE_PWRITE] = round(statistics.median(times), 3)
+    for f in outdir.glob("last-*"):
+        f.unlink()
     return {
         "name": name, "title": title, "bytes": size, "count": count, "mix": mix,
         "dtype": dtype, "reps": args.reps, "results": results, "checks": checks,
@@ -416,9 +418,9 @@ def report(s):
                 c = statistics.median(a["cpu"] / b["cpu"] for a, b in zip(res[t], res[one]))
                 lines.append(f"- {what} / one fold, {where}: **{r[0]:.2f}×** wall "
                              f"[{r[1]:.2f}–{r[2]:.2f}], {c:.2f}× CPU")
-    w = s["checks"].get(BARE_PWRITE)
+    bare = s["checks"].get(BARE_PWRITE)
     for t, k in (("sweep4-tmpfs", 4), ("sweep8-tmpfs", 8)):
-        if w is None or t not in res or "ema-tmpfs" not in res:
+        if bare is None or t not in res or "ema-tmpfs" not in res:
             continue
         one = res["ema-tmpfs"]
         f = statistics.median(m["wall"] for m in one)
@@ -426,13 +428,15 @@ def report(s):
         du = (med(res[t], "user") - med(one, "user")) / (k - 1)
         ds = (med(res[t], "sys") - med(one, "sys")) / (k - 1)
         cores = len(os.sched_getaffinity(0))
-        writes = 1 + (k - 1) * w / cores / f
-        bound = 1 + (k - 1) * (du + ds) / cores / f
+        # The sweep's time estimated as the one fold's plus its extra CPU time spread over the
+        # cores; and what the extra outputs' writes would add if each cost a bare pwrite.
+        estimate = 1 + (k - 1) * (du + ds) / cores / f
+        writes = 1 + (k - 1) * bare / cores / f
         lines.append(
             f"- {k}-value sweep, each output beyond the first: {du:.3f} s user + {ds:.3f} s sys "
-            f"(a bare pwrite of one output: {w:.3f} s); with one fold at {f:.3f} s on {cores} "
-            f"cores, those costs per output bound the sweep at {bound:.2f}× one fold, the bare "
-            f"writes alone at {writes:.2f}×")
+            f"(a bare pwrite of one output: {bare:.3f} s); with one fold at {f:.3f} s on "
+            f"{cores} cores, those costs estimate the sweep at {estimate:.2f}× one fold; the "
+            f"bare writes alone would add {writes - 1:.2f}×")
     for k, v in s["checks"].items():
         lines.append(f"- {k}: {v if not isinstance(v, float) else f'{v:.3g}'}")
     for n in s["notes"]:
@@ -498,7 +502,7 @@ def main():
         series = [(n, c, m, d, t + ",ema-base") for n, c, m, d, t in series]
     version = subprocess.run([ema_tool, "--version"], capture_output=True, text=True).stdout.strip()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    machine = f"{os.cpu_count()} CPUs ({cpu}), {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
+    machine = f"{len(os.sched_getaffinity(0))} CPUs ({cpu}), {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
     if not GNU_TIME:
         log("warning: no /usr/bin/time (apt-get install time): peak RSS from wait4, which "
             "includes this Python's own RSS as a floor")

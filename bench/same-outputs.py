@@ -44,6 +44,9 @@ SERIES = [
     ("f32-small", 8, [(16384, 4096)], "f32"),
 ]
 
+# The files of a DCP output.
+DCP_FILES = [".metadata", "__0_0.distcp"]
+
 TIMINGS = re.compile(r'("seconds": )[0-9.e+-]+|( in )[0-9.]+ s\b')
 
 
@@ -172,10 +175,12 @@ def inspect_cases(cmp):
     for d in dcp:
         rel = str(d.relative_to(FIX))
         cmp.call(f"dcp-swa.{rel}", ["swa", str(d), "-o", "{out}/o.safetensors"], ["o.safetensors"])
-        cmp.call(f"dcp-to-dcp.{rel}", ["swa", str(d), "-o", "{out}", "--format", "dcp", "--force"])
+        cmp.call(f"dcp-to-dcp.{rel}", ["swa", str(d), "-o", "{out}", "--format", "dcp", "--force"],
+                 DCP_FILES)
     # A DCP output of inputs that are not DCP (its step made, not copied).
     conv = [str(p) for p in sorted((FIX / "convnet").iterdir())]
-    cmp.call("to-dcp.convnet", ["swa", *conv, "-o", "{out}", "--format", "dcp", "--force"])
+    cmp.call("to-dcp.convnet", ["swa", *conv, "-o", "{out}", "--format", "dcp", "--force"],
+             DCP_FILES)
     for f in files:
         rel = str(f.relative_to(FIX))
         cmp.call(f"inspect.{rel}", ["inspect", str(f)])

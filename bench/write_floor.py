@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""What writing one output costs the kernel, without ema-tool: the floor of a sweep.
+"""What writing one output costs the kernel, without ema-tool: the page cache's part of a sweep.
 
     python3 bench/write_floor.py                      # 268 MB files in /dev/shm, 7 of each way
     python3 bench/write_floor.py --dir /tmp --mb 64 --reps 5
 
-Each repetition creates a fresh file in --dir and fills it with --mb MB from a 512 KiB buffer
-that is already in cache, in one of these ways, and takes the CPU time (user + sys) of this
+Each repetition creates a fresh file in --dir and fills it with --mb MB from a buffer that is
+already in cache (512 KiB, unless the way says otherwise), in one of these ways, and takes the CPU time (user + sys) of this
 process from getrusage around it:
 
 * `pwrite`: `os.pwrite` of 512 KiB at a time (ema-tool writes an output's ranges with

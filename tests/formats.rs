@@ -546,37 +546,49 @@ fn edm2_snapshots_give_posthoc_their_profiles() {
 
 #[test]
 fn errors_in_a_pickle_name_data_pkl_only_inside_a_zip_archive() {
-    // `pickle.dump({"w": torch._utils._rebuild_tensor_v2(5, 0, (1,), (1,)…)})`, by hand: the
-    // storage is a number. In a file of its own, the file is the pickle; in a `torch.save`
-    // zip, the pickle is its `data.pkl` record, which the messages name.
-    let d = tempfile::tempdir().unwrap();
-    for (args, what, where_) in [
-        (
-            &b"(K\x05K\x00K\x01\x85K\x01\x85t"[..],
-            "malformed torch._utils._rebuild_tensor_v2 call: 4 arguments",
-            "malformed torch._utils._rebuild_tensor_v2 call in data.pkl: 4 arguments",
-        ),
-        (
-            &b"(K\x05K\x00K\x01\x85K\x01\x85\x89}t"[..],
-            "malformed pickle: the storage is not a persistent id",
-            "malformed data.pkl: the storage is not a persistent id",
-        ),
-    ] {
+    // Hand-made pickles: `{"w": torch._utils._rebuild_tensor_v2(5, 0, (1,), (1,)…)}`, whose
+    // storage is a number, with 4 and with 6 arguments; and dicts nested 300 deep. In a file
+    // of its own, the file is the pickle; in a `torch.save` zip, the pickle is its `data.pkl`
+    // record, which the messages name.
+    let rebuild = |args: &[u8]| {
         let mut pkl = b"\x80\x04}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n".to_vec();
         pkl.extend_from_slice(args);
         pkl.extend_from_slice(b"Rs.");
+        pkl
+    };
+    let mut nested = b"\x80\x04".to_vec();
+    for _ in 0..300 {
+        nested.extend_from_slice(b"}X\x01\x00\x00\x00a");
+    }
+    nested.extend_from_slice(b"}");
+    nested.extend(std::iter::repeat(b's').take(300));
+    nested.push(b'.');
+    let d = tempfile::tempdir().unwrap();
+    for (pkl, alone, zipped) in [
+        (
+            rebuild(b"(K\x05K\x00K\x01\x85K\x01\x85t"),
+            "tensor `w`: malformed torch._utils._rebuild_tensor_v2 call: 4 arguments",
+            "tensor `w`: malformed torch._utils._rebuild_tensor_v2 call in data.pkl: 4 arguments",
+        ),
+        (
+            rebuild(b"(K\x05K\x00K\x01\x85K\x01\x85\x89}t"),
+            "tensor `w`: malformed pickle: the storage is not a persistent id",
+            "tensor `w`: malformed data.pkl: the storage is not a persistent id",
+        ),
+        (nested, ": `a.a.a", ": data.pkl: `a.a.a"),
+    ] {
         let file = d.path().join("bad.pkl");
         std::fs::write(&file, &pkl).unwrap();
         let err = fails(&["inspect", file.to_str().unwrap()]);
-        common::assert_one_line_error(&err, &format!("tensor `w`: {what}"), "plain pickle");
+        common::assert_one_line_error(&err, alone, "plain pickle");
         assert!(!err.contains("data.pkl"), "{err}");
-        let zipped = ema_tool::codec::zip::write::archive(&[
+        let archive = ema_tool::codec::zip::write::archive(&[
             ("archive/data.pkl".to_string(), &pkl[..]),
             ("archive/version".to_string(), b"3\n"),
         ]);
         let file = d.path().join("bad.pth");
-        std::fs::write(&file, zipped).unwrap();
+        std::fs::write(&file, archive).unwrap();
         let err = fails(&["inspect", file.to_str().unwrap()]);
-        common::assert_one_line_error(&err, &format!("tensor `w`: {where_}"), "zip");
+        common::assert_one_line_error(&err, zipped, "zip");
     }
 }
