@@ -642,24 +642,9 @@ mod tests {
     }
 
     fn build(entries: &[(&str, &[u8])]) -> Vec<u8> {
-        let spec: Vec<(String, u64)> = entries
-            .iter()
-            .map(|(n, d)| (n.to_string(), d.len() as u64))
-            .collect();
-        let (planned, cd_off) = plan(&spec);
-        let mut out = vec![0u8; cd_off as usize];
-        let mut crcs = Vec::new();
-        for (p, (_, d)) in planned.iter().zip(entries) {
-            let crc = crc32fast::hash(d);
-            let mut h = p.header.clone();
-            h[14..18].copy_from_slice(&crc.to_le_bytes());
-            out[p.local_offset as usize..p.data_offset as usize].copy_from_slice(&h);
-            out[p.data_offset as usize..(p.data_offset + p.size) as usize].copy_from_slice(d);
-            crcs.push(crc);
-        }
-        let with: Vec<(&Planned, u32)> = planned.iter().zip(crcs).collect();
-        out.extend(central_directory(&with, cd_off));
-        out
+        let named: Vec<(String, &[u8])> =
+            entries.iter().map(|(n, d)| (n.to_string(), *d)).collect();
+        archive(&named)
     }
 
     #[test]
