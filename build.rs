@@ -1,4 +1,6 @@
-//! Records the git commit the binary is built from, for `ema-tool --version`.
+//! Records the git commit the binary is built from, for `ema-tool --version`, and whether the
+//! compiler has the AVX-512 intrinsics (stable from Rust 1.89): `cfg(ema_tool_avx512)`, without
+//! which the fold builds without its AVX-512 copies.
 //!
 //! Only when built from a clone (a `.git` beside `Cargo.toml`, a directory or a worktree's
 //! file) with `git` on `PATH`; a crates.io package, an sdist or a machine without git builds
@@ -9,6 +11,10 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rustc-check-cfg=cfg(ema_tool_avx512)");
+    if rustc_minor().is_some_and(|minor| minor >= 89) {
+        println!("cargo:rustc-cfg=ema_tool_avx512");
+    }
     let root = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     if !root.join(".git").exists() {
         return;
@@ -35,6 +41,15 @@ fn main() {
             }
         }
     }
+}
+
+/// The minor version of the Rust compiler cargo builds with (`rustc 1.95.0 (…)`: 95).
+fn rustc_minor() -> Option<u32> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = Command::new(rustc).arg("--version").output().ok()?;
+    let version = String::from_utf8(out.stdout).ok()?;
+    let version = version.strip_prefix("rustc ")?;
+    version.split('.').nth(1)?.parse().ok()
 }
 
 fn watch(path: &Path) {

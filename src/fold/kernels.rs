@@ -52,8 +52,7 @@ pub fn fold_into(
 /// returns whether it ran. The fold of 8 × 256 MB bf16 checkpoints took 0.32 s of CPU instead
 /// of 0.48 s with AVX2 (f32: 0.17 s instead of 0.19 s, bound by memory). AVX-512 code needs
 /// Rust 1.89; older compilers build without it.
-#[cfg(target_arch = "x86_64")]
-#[rustversion::since(1.89)]
+#[cfg(all(target_arch = "x86_64", ema_tool_avx512))]
 fn fold_into_avx512_if_available(
     dtypes: &[DType],
     weights: &[f64],
@@ -72,8 +71,7 @@ fn fold_into_avx512_if_available(
 }
 
 /// Without Rust 1.89, no AVX-512 copy.
-#[cfg(target_arch = "x86_64")]
-#[rustversion::before(1.89)]
+#[cfg(all(target_arch = "x86_64", not(ema_tool_avx512)))]
 fn fold_into_avx512_if_available(
     _: &[DType],
     _: &[f64],
@@ -86,8 +84,7 @@ fn fold_into_avx512_if_available(
 }
 
 /// [`fold_into_impl`] compiled for AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[rustversion::since(1.89)]
+#[cfg(all(target_arch = "x86_64", ema_tool_avx512))]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn fold_into_avx512(
     dtypes: &[DType],
