@@ -50,16 +50,7 @@ fn fold(c: &mut Criterion) {
         let mut out = vec![0u8; n * dtype.size()];
         group.throughput(Throughput::Bytes((INPUTS * n * dtype.size()) as u64));
         group.bench_function(BenchmarkId::new("8 inputs", dtype), |b| {
-            b.iter(|| {
-                fold_into(
-                    &dtypes,
-                    &weights,
-                    &inputs,
-                    dtype,
-                    &mut [&mut out],
-                    |_, _| {},
-                )
-            })
+            b.iter(|| fold_into(&dtypes, &weights, &inputs, dtype, &mut [&mut out], None))
         });
     }
     // Inputs of four dtypes, into bf16.
@@ -86,7 +77,7 @@ fn fold(c: &mut Criterion) {
                 &inputs,
                 DType::BF16,
                 &mut [&mut out],
-                |_, _| {},
+                None,
             )
         })
     });
@@ -108,7 +99,7 @@ fn sweep(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("8 inputs f32, outputs", k), |b| {
             b.iter(|| {
                 let mut refs: Vec<&mut [u8]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-                fold_into(&dtypes, &weights, &inputs, DType::F32, &mut refs, |_, _| {})
+                fold_into(&dtypes, &weights, &inputs, DType::F32, &mut refs, None)
             })
         });
     }

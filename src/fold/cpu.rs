@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::kernels::{fold_into, BLOCK};
+use super::kernels::{fold_into, Check, BLOCK};
 use super::{non_finite_error, Job, Kind, Piece, Work};
 use crate::checkpoint::mapped::Mapped;
 use crate::codec::convert::{count_non_finite, count_overflow, decode};
@@ -514,7 +514,7 @@ fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratc
     let converts = dtypes.iter().any(|d| *d != out_dtype);
     let (mut nan, mut inf, mut overflow) = (0, 0, 0);
     let mut refs: Vec<&mut [u8]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-    fold_into(dtypes, weights, &inputs, out_dtype, &mut refs, |_, acc| {
+    let mut check = |_: usize, acc: &[f64]| {
         if ctx.work.opts.finite {
             let (n, i) = count_non_finite(acc);
             nan += n;
@@ -523,7 +523,10 @@ fn run_item(ctx: &Ctx, job: &Job, index: usize, item: Item, scratch: &mut Scratc
         if converts {
             overflow += count_overflow(out_dtype, acc);
         }
-    });
+    };
+    // Unchecked, the fold may encode its sums straight from registers.
+    let check: Check<'_> = (ctx.work.opts.finite || converts).then_some(&mut check);
+    fold_into(dtypes, weights, &inputs, out_dtype, &mut refs, check);
     if nan + inf > 0 {
         return Err(find_non_finite(ctx, sources, &inputs, (nan, inf)));
     }
