@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Times two ema-tool binaries against each other on the sweep series, run by run in pairs.
+
+    python3 bench/run.py --suite sweep --reps 1 --keep     # generates bench/out/series/f32
+    python3 bench/ab.py OLD_BINARY NEW_BINARY [--reps 15]
+
+For one fold and the 4- and 8-value sweeps of `bench/run.py --suite sweep` (outputs on
+/dev/shm), each repetition runs OLD and NEW one after the other, in alternating order, so that
+the machine's noise falls on both alike. Prints the medians of wall, user and system time, and
+the medians of the per-repetition ratios: each binary's sweep against its own one fold, and
+NEW's sweeps against OLD's one fold. Wall, user and system time come from wait4(2).
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+import time
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from run import SWEEPS  # noqa: E402 (bench/ is not a package)
+
+DECAYS = {1: "0.999", 4: SWEEPS[4], 8: SWEEPS[8]}
+
+
+def run(binary, k, inputs):
+    """Wall, user and system seconds of one `ema` run with `k` decays into /dev/shm."""
+    d = Path(f"/dev/shm/ema-tool-ab-{os.getpid()}-{k}")
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    try:
+        cmd = [binary, "ema", "-q", "--decay", DECAYS[k], "-o", str(d / "e-{decay}.safetensors")]
+        start = time.perf_counter()
+        p = subprocess.Popen([*cmd, *inputs])
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - start
+        if status != 0:
+            sys.exit(f"ab.py: {binary} exited with status {status}")
+        return wall, ru.ru_utime, ru.ru_stime
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--series", default=str(ROOT / "bench" / "out" / "series" / "f32"))
+    args = p.parse_args()
+    inputs = sorted(str(f) for f in Path(args.series).glob("*.safetensors"))
+    if not inputs:
+        sys.exit(f"ab.py: no checkpoints in {args.series}: run bench/run.py --suite sweep --keep")
+    for f in inputs:  # page-cache them
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    res = {}
+    pairs = (("old", args.old), ("new", args.new))
+    for r in range(args.reps):
+        for k in DECAYS:
+            for name, binary in pairs if r % 2 == 0 else pairs[::-1]:
+                res.setdefault((name, k), []).append(run(binary, k, inputs))
+    med = statistics.median
+    print(f"{args.reps} repetitions, {len(inputs)} inputs from {args.series}; medians")
+    print()
+    print("| run | binary | wall s | user s | sys s |")
+    print("|---|---|---|---|---|")
+    for k in DECAYS:
+        what = "one fold" if k == 1 else f"{k}-value sweep"
+        for name, _ in pairs:
+            v = res[(name, k)]
+            w, u, s = (med(x[i] for x in v) for i in range(3))
+            print(f"| {what} | {name} | {w:.3f} | {u:.3f} | {s:.3f} |")
+    print()
+    ratio = lambda a, b: med(x[0] / y[0] for x, y in zip(res[a], res[b]))
+    for k in (4, 8):
+        old, new = ratio(("old", k), ("old", 1)), ratio(("new", k), ("new", 1))
+        cross = ratio(("new", k), ("old", 1))
+        print(f"- {k}-value sweep / one fold: old {old:.2f}×, new {new:.2f}×, "
+              f"new sweep / old one fold {cross:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
