@@ -84,13 +84,19 @@ fn fold_into_avx512_if_available(
     outs: &mut [&mut [u8]],
     check: Check<'_>,
 ) -> bool {
-    use std::arch::is_x86_feature_detected as has;
-    if !(has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("f16c")) {
+    if !has_avx512() {
         return false;
     }
     // SAFETY: `fold_into_avx512` needs these features, checked just above.
     unsafe { fold_into_avx512(dtypes, weights, inputs, out_dtype, outs, check) };
     true
+}
+
+/// Whether the CPU has what [`fold_into_avx512`] needs.
+#[cfg(all(target_arch = "x86_64", ema_tool_avx512))]
+fn has_avx512() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("f16c")
 }
 
 /// Without Rust 1.89, no AVX-512 copy.
@@ -411,9 +417,57 @@ mod tests {
     use crate::codec::convert::encode;
     use crate::testing::Rng;
 
+    /// A copy of the fold, with the arguments of [`fold_into`].
+    type Copy = fn(&[DType], &[f64], &[&[u8]], DType, &mut [&mut [u8]], Check<'_>);
+
+    /// Every compiled copy of the fold that this CPU runs, by name: `fold_into` (which picks
+    /// one), the baseline copy, and the AVX2 and AVX-512 copies where the CPU has them. With
+    /// several outputs of one input dtype, the portable several-output fold runs in the baseline
+    /// and AVX2 copies, the intrinsics of `avx512` in the AVX-512 one.
+    fn copies() -> Vec<(&'static str, Copy)> {
+        let mut copies: Vec<(&'static str, Copy)> =
+            vec![("fold_into", fold_into), ("baseline", fold_into_impl)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            fn avx2(
+                d: &[DType],
+                w: &[f64],
+                x: &[&[u8]],
+                o: DType,
+                outs: &mut [&mut [u8]],
+                c: Check<'_>,
+            ) {
+                // SAFETY: listed only where the CPU has AVX2.
+                unsafe { fold_into_avx2(d, w, x, o, outs, c) }
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                copies.push(("AVX2", avx2));
+            }
+        }
+        #[cfg(all(target_arch = "x86_64", ema_tool_avx512))]
+        {
+            fn avx512(
+                d: &[DType],
+                w: &[f64],
+                x: &[&[u8]],
+                o: DType,
+                outs: &mut [&mut [u8]],
+                c: Check<'_>,
+            ) {
+                // SAFETY: listed only where the CPU has the features.
+                unsafe { fold_into_avx512(d, w, x, o, outs, c) }
+            }
+            if has_avx512() {
+                copies.push(("AVX-512", avx512));
+            } else {
+                eprintln!("note: no AVX-512 on this CPU: its copy of the fold is not compared");
+            }
+        }
+        copies
+    }
+
     #[test]
     fn every_compiled_copy_of_the_fold_gives_the_same_bits() {
-        // fold_into runs the AVX2 copy where the CPU has it; the baseline copy must agree.
         let mut rng = Rng::new(7);
         let mut next = || rng.next();
         for dtype in [
@@ -437,40 +491,15 @@ mod tests {
                 let inputs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
                 let dtypes = vec![dtype; 5];
                 let weights = [0.1, 0.2, 0.3, 0.15, 0.25];
-                let fold = |f: &dyn Fn(&mut [u8])| {
+                let fold = |f: Copy| {
                     let mut out = vec![0xAAu8; n * dtype.size()];
-                    f(&mut out);
+                    f(&dtypes, &weights, &inputs, dtype, &mut [&mut out], None);
                     out
                 };
-                let want =
-                    fold(&|o| fold_into_impl(&dtypes, &weights, &inputs, dtype, &mut [o], None));
-                #[cfg(target_arch = "x86_64")]
-                {
-                    use std::arch::is_x86_feature_detected as has;
-                    if has!("avx2") {
-                        // SAFETY: the CPU has AVX2.
-                        let got = fold(&|o| unsafe {
-                            fold_into_avx2(&dtypes, &weights, &inputs, dtype, &mut [o], None)
-                        });
-                        assert_eq!(got, want, "AVX2, {dtype} × {n}");
-                    }
-                    // Where the CPU has no AVX-512, nothing to compare.
-                    let got = fold(&|o| {
-                        if !fold_into_avx512_if_available(
-                            &dtypes,
-                            &weights,
-                            &inputs,
-                            dtype,
-                            &mut [&mut *o],
-                            None,
-                        ) {
-                            o.copy_from_slice(&want);
-                        }
-                    });
-                    assert_eq!(got, want, "AVX-512, {dtype} × {n}");
+                let want = fold(fold_into_impl);
+                for (copy, f) in copies() {
+                    assert_eq!(fold(f), want, "{copy}, {dtype} × {n}");
                 }
-                let got = fold(&|o| fold_into(&dtypes, &weights, &inputs, dtype, &mut [o], None));
-                assert_eq!(got, want, "{dtype} × {n}");
             }
         }
     }
@@ -524,18 +553,21 @@ mod tests {
                     for k in [2, 3, 4, 5, 6, 7, 8, 9, 17] {
                         let rows: Vec<Vec<f64>> = (0..k).map(|o| row(o, dtypes.len())).collect();
                         let flat: Vec<f64> = rows.iter().flatten().copied().collect();
-                        for checked in [false, true] {
+                        let runs = copies()
+                            .into_iter()
+                            .flat_map(|(copy, fold)| [(copy, fold, false), (copy, fold, true)]);
+                        for (copy, fold, checked) in runs {
                             let mut outs = vec![vec![0xAAu8; n * size]; k];
                             let mut refs: Vec<&mut [u8]> =
                                 outs.iter_mut().map(|o| o.as_mut_slice()).collect();
                             let mut seen = vec![0usize; k];
                             let mut count = |o: usize, acc: &[f64]| seen[o] += acc.len();
                             let check: Check<'_> = checked.then_some(&mut count);
-                            fold_into(&dtypes, &flat, &inputs, out_dtype, &mut refs, check);
+                            fold(&dtypes, &flat, &inputs, out_dtype, &mut refs, check);
                             for (o, w) in rows.iter().enumerate() {
                                 let what = format!(
-                                    "{dtypes:?} × {n} into {out_dtype}, output {o} of {k}, \
-                                     checked: {checked}"
+                                    "{copy}: {dtypes:?} × {n} into {out_dtype}, output {o} of \
+                                     {k}, checked: {checked}"
                                 );
                                 assert_eq!(outs[o], one(w), "{what}");
                                 let want = if checked { n } else { 0 };
@@ -551,11 +583,20 @@ mod tests {
     #[test]
     fn several_outputs_of_every_f16_are_the_bits_of_one_output() {
         // Every f16 bit pattern (NaNs with their payloads, infinities, subnormals) in each of
-        // two inputs, folded into 3 and 8 outputs at once and one at a time.
+        // two inputs, folded into 3 and 8 outputs at once and one at a time. Where both inputs
+        // are NaN, the sum keeps the payload of one of them, and which one is the compiler's
+        // choice (an addition's operands commute): there both must be NaN, elsewhere the bits
+        // must be the same.
         let all: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
         let shifted: Vec<u8> = (0..=u16::MAX)
             .flat_map(|h| h.rotate_left(5).to_le_bytes())
             .collect();
+        let f16_nan = |h: u16| h & 0x7c00 == 0x7c00 && h & 0x03ff != 0;
+        let both_nan = |i: usize| f16_nan(i as u16) && f16_nan((i as u16).rotate_left(5));
+        let nan = |dtype: DType, b: &[u8]| match dtype {
+            DType::F16 => f16_nan(u16::from_le_bytes([b[0], b[1]])),
+            _ => f32::from_le_bytes(b.try_into().unwrap()).is_nan(),
+        };
         let inputs = [&all[..], &shifted[..]];
         let dtypes = [DType::F16; 2];
         let n = 1 << 16;
@@ -563,13 +604,26 @@ mod tests {
             for k in [3, 8] {
                 let rows: Vec<[f64; 2]> = (0..k).map(|o| [1.0 - 0.1 * o as f64, 0.25]).collect();
                 let flat: Vec<f64> = rows.iter().flatten().copied().collect();
-                let mut outs = vec![vec![0u8; n * out_dtype.size()]; k];
-                let mut refs: Vec<&mut [u8]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-                fold_into(&dtypes, &flat, &inputs, out_dtype, &mut refs, None);
-                for (o, w) in rows.iter().enumerate() {
-                    let mut one = vec![0u8; n * out_dtype.size()];
-                    fold_into(&dtypes, w, &inputs, out_dtype, &mut [&mut one], None);
-                    assert!(outs[o] == one, "into {out_dtype}, output {o} of {k}");
+                for (copy, fold) in copies() {
+                    let mut outs = vec![vec![0u8; n * out_dtype.size()]; k];
+                    let mut refs: Vec<&mut [u8]> =
+                        outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                    fold(&dtypes, &flat, &inputs, out_dtype, &mut refs, None);
+                    for (o, w) in rows.iter().enumerate() {
+                        let mut one = vec![0u8; n * out_dtype.size()];
+                        fold_into(&dtypes, w, &inputs, out_dtype, &mut [&mut one], None);
+                        let size = out_dtype.size();
+                        let what = format!("{copy}: into {out_dtype}, output {o} of {k}");
+                        let got = outs[o].chunks_exact(size);
+                        for (i, (g, w)) in got.zip(one.chunks_exact(size)).enumerate() {
+                            let same = if both_nan(i) {
+                                nan(out_dtype, g) && nan(out_dtype, w)
+                            } else {
+                                g == w
+                            };
+                            assert!(same, "{what}, element {i:#06x}");
+                        }
+                    }
                 }
             }
         }
