@@ -12,8 +12,10 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rustc-check-cfg=cfg(ema_tool_avx512)");
-    if rustc_minor().is_some_and(|minor| minor >= 89) {
-        println!("cargo:rustc-cfg=ema_tool_avx512");
+    match rustc_version() {
+        Some(version) if version >= (1, 89) => println!("cargo:rustc-cfg=ema_tool_avx512"),
+        Some(_) => {}
+        None => println!("cargo:warning=could not read `rustc --version`: no AVX-512 fold"),
     }
     let root = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     if !root.join(".git").exists() {
@@ -43,13 +45,17 @@ fn main() {
     }
 }
 
-/// The minor version of the Rust compiler cargo builds with (`rustc 1.95.0 (…)`: 95).
-fn rustc_minor() -> Option<u32> {
+/// The major and minor version of the Rust compiler cargo builds with (`rustc 1.95.0 (…)`:
+/// (1, 95)).
+fn rustc_version() -> Option<(u32, u32)> {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let out = Command::new(rustc).arg("--version").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
     let version = String::from_utf8(out.stdout).ok()?;
-    let version = version.strip_prefix("rustc ")?;
-    version.split('.').nth(1)?.parse().ok()
+    let mut parts = version.strip_prefix("rustc ")?.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 fn watch(path: &Path) {
