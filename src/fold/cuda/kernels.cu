@@ -5,7 +5,7 @@
 // o of the fold (a sweep has several), decoding x from the raw little-endian bytes of the input
 // as they were read from the file, once for all the outputs. One launch of ema_encode per
 // (batch, output): the accumulators rounded to each tensor's output dtype. The arithmetic
-// is the CPU path's (fold/kernels.rs) operation for operation: f64 accumulators, unfused
+// is the CPU path's (fold/kernels/) operation for operation: f64 accumulators, unfused
 // multiply then add, the same encoders, so the two paths write the same bytes.
 //
 // A batch packs segments (element ranges of one or many tensors) into one launch; the layout
@@ -139,7 +139,7 @@ EMA_DEVICE u64 round_code(u64 bits, int mbits, int emin) {
     return ((u64)(E - emin) << mbits) + n;
 }
 
-// float8: nearest code, ties to even, as fold/kernels.rs f8_encode: past the largest finite
+// float8: nearest code, ties to even, as codec/convert.rs f8_encode: past the largest finite
 // value, e4m3fn gives NaN (0x7f) and e5m2 infinity (0x7c), with the sign; NaN gives 0x7f.
 EMA_DEVICE u32 f64_to_f8(double d, int mbits, int emin, u64 max_code, u32 overflow) {
     u64 bits = f64_as_u64(d);

@@ -3,16 +3,18 @@
 //!
 //! Each output of a sweep costs one f64 multiplication and one addition per element and input
 //! (rounded separately, as in every other copy of the fold): vector operations that the CPUs
-//! measured issue two per cycle. The portable `fold_multi` of `kernels` runs at 60–75% of this
-//! kernel's rate: the compiler keeps the sums of only four outputs in registers, so the inputs
+//! measured issue two per cycle. With 8 outputs, the portable `fold_multi` of `kernels` runs at
+//! 62–77% of this kernel's rate (an AMD EPYC, an Intel Xeon): the compiler keeps the sums of only four outputs in registers, so the inputs
 //! are decoded once per group of four, and the sums go through memory before they are encoded.
-//! Here the sums of up to [`GROUP`] outputs over 16 elements are sixteen registers, each
-//! input's elements are decoded once for all of them, and an f32 or f64 output is encoded from
-//! the registers straight into its buffer when nothing has to see the sums (see
-//! `bench/results/kernels-sweep.txt` and BENCHMARKS.md for the figures).
+//! Here the sums of [`GROUP`] outputs over 16 elements are sixteen registers (fewer outputs:
+//! over more elements), each input's elements are decoded once for all of them, and an f32 or
+//! f64 output is encoded from the registers straight into its buffer when nothing has to see
+//! the sums (see `bench/results/kernels-sweep.txt` and BENCHMARKS.md for the figures).
 //!
 //! Same operations in the same order as the one-output fold, so the same bits: the tests of
-//! `kernels` compare them, every f16 bit pattern included.
+//! `kernels` compare them, every f16 bit pattern included. (Where the NaNs of two inputs meet,
+//! the sum is a NaN with the payload of one of them, which one the compiler's choice in every
+//! copy of the fold.)
 
 use std::arch::x86_64::*;
 
@@ -174,7 +176,7 @@ unsafe fn fold_groups<D: Decode>(
                 out_dtype,
                 direct,
             };
-            // Sixteen registers of sums (eight with one output, twelve with three).
+            // K · L registers of sums: sixteen for 2, 4 and 8 outputs, 8 to 14 for the others.
             // SAFETY: the block is within every input and output, whose lengths are asserted
             // above, and the CPU has the features (the caller's guarantee).
             unsafe {
