@@ -6,9 +6,11 @@
 
 For one fold and the 4- and 8-value sweeps of `bench/run.py --suite sweep` (outputs on
 /dev/shm), each repetition runs OLD and NEW one after the other, in alternating order, so that
-the machine's noise falls on both alike. Prints the medians of wall, user and system time, and
-the medians of the per-repetition ratios: each binary's sweep against its own one fold, and
-NEW's sweeps against OLD's one fold. Wall, user and system time come from wait4(2).
+the machine's noise falls on both alike; the three runs of a binary come in a rotating order,
+after one untimed repetition. Prints the medians of wall, user and system time, and the
+medians of the per-repetition ratios: each binary's sweep against its own one fold, and NEW's
+sweeps against OLD's one fold. User and system time come from wait4(2), wall time from the
+clock around it.
 """
 
 import argparse
@@ -39,7 +41,8 @@ def run(binary, k, inputs):
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - start
         if status != 0:
-            sys.exit(f"ab.py: {binary} exited with status {status}")
+            code = os.waitstatus_to_exitcode(status)
+            sys.exit(f"ab.py: {binary} exited with status {code}: {' '.join(cmd)}")
         return wall, ru.ru_utime, ru.ru_stime
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -59,10 +62,14 @@ def main():
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
-    res = {}
     pairs = (("old", args.old), ("new", args.new))
+    for k in DECAYS:  # untimed
+        for _, binary in pairs:
+            run(binary, k, inputs)
+    res = {}
+    ks = list(DECAYS)
     for r in range(args.reps):
-        for k in DECAYS:
+        for k in ks[r % 3:] + ks[:r % 3]:
             for name, binary in pairs if r % 2 == 0 else pairs[::-1]:
                 res.setdefault((name, k), []).append(run(binary, k, inputs))
     med = statistics.median

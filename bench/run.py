@@ -535,7 +535,7 @@ def main():
             print(f"| {s['name']} | {gb:.2f} | {w:.3f} | {w / gb:.3f} | {c / gb:.3f} | {rss:.0f} |")
         print()
     if args.suite == "sweep" and not args.count:
-        print("### Targets (issue #11)")
+        print("### Targets (issue #11; `inspect` and `--threads`: issue #4)")
         print()
         print("(Set for the 8 × 256 MB f32 series, page-cached, outputs on tmpfs.)")
     else:
