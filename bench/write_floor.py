@@ -14,7 +14,10 @@ process from getrusage around it:
 * `fallocate + pwrite`: the pages allocated first, then written over;
 * `fallocate`: the allocation alone;
 * `mmap`: a shared mapping of the file, filled by copying into it (every page faulted in);
-* `overwrite`: `pwrite` over a file whose pages already exist.
+* `overwrite`: `pwrite` over a file whose pages already exist;
+* `pwrite, 8 files kept`: 8 fresh files written one after the other and removed only after the
+  last, as a sweep's 8 outputs are, per file: the page cache then needs 8 files' worth of new
+  pages, where the other ways reuse the pages of the file just removed.
 
 The file is removed after each repetition, outside the timing; the ways take turns, so that a
 busy moment of the machine falls on all of them. The medians tell how much of a sweep's cost per
@@ -120,6 +123,30 @@ def measure_overwrite(path, size, reps):
         os.unlink(path)
 
 
+def measure_kept(directory, size, files, reps):
+    """CPU seconds per file of each of `reps` fills of `files` fresh files in `directory`, one
+    after the other, all removed once the last is written (outside the timing)."""
+    buf = bytearray(b"\x01" * CHUNK)
+    paths = [os.path.join(directory, f"ema-tool-write-floor-{os.getpid()}-{i}.bin")
+             for i in range(files)]
+    times = []
+    for _ in range(reps):
+        try:
+            c0 = cpu()
+            for path in paths:
+                fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
+                try:
+                    fill_pwrite(fd, size, buf)
+                finally:
+                    os.close(fd)
+            times.append((cpu() - c0) / files)
+        finally:
+            for path in paths:
+                if os.path.exists(path):
+                    os.unlink(path)
+    return times
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default="/dev/shm", help="where the files go (default /dev/shm)")
@@ -140,11 +167,13 @@ def main():
     print("| way | CPU s | GB/s of CPU |")
     print("|---|---|---|")
     names = ["pwrite", "pwrite 64 KiB", "pwrite 8 MiB", "fallocate + pwrite", "fallocate", "mmap"]
-    results = {n: [] for n in names + ["overwrite"]}
+    kept = "pwrite, 8 files kept"
+    results = {n: [] for n in names + ["overwrite", kept]}
     for _ in range(args.reps):
         for n in names:
             results[n] += measure(path, n, size, 1)
         results["overwrite"] += measure_overwrite(path, size, 1)
+        results[kept] += measure_kept(args.dir, size, 8, 1)
     for n, ts in results.items():
         med = statistics.median(ts)
         print(f"| {n} | {med:.3f} [{min(ts):.3f}–{max(ts):.3f}] | {size / 1e9 / med:.1f} |")
