@@ -425,40 +425,35 @@ mod tests {
     /// several outputs of one input dtype, the portable several-output fold runs in the baseline
     /// and AVX2 copies, the intrinsics of `avx512` in the AVX-512 one.
     fn copies() -> Vec<(&'static str, Copy)> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut copies: Vec<(&'static str, Copy)> =
             vec![("fold_into", fold_into), ("baseline", fold_into_impl)];
+        // A copy compiled for CPU features, as a `Copy` to list where the CPU has them.
         #[cfg(target_arch = "x86_64")]
-        {
-            fn avx2(
-                d: &[DType],
-                w: &[f64],
-                x: &[&[u8]],
-                o: DType,
-                outs: &mut [&mut [u8]],
-                c: Check<'_>,
-            ) {
-                // SAFETY: listed only where the CPU has AVX2.
-                unsafe { fold_into_avx2(d, w, x, o, outs, c) }
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                copies.push(("AVX2", avx2));
-            }
+        macro_rules! listed_if_the_cpu_has_them {
+            ($copy:ident) => {{
+                fn copy(
+                    d: &[DType],
+                    w: &[f64],
+                    x: &[&[u8]],
+                    o: DType,
+                    outs: &mut [&mut [u8]],
+                    c: Check<'_>,
+                ) {
+                    // SAFETY: listed only where the CPU has the features of the copy.
+                    unsafe { $copy(d, w, x, o, outs, c) }
+                }
+                copy as Copy
+            }};
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            copies.push(("AVX2", listed_if_the_cpu_has_them!(fold_into_avx2)));
         }
         #[cfg(all(target_arch = "x86_64", ema_tool_avx512))]
         {
-            fn avx512(
-                d: &[DType],
-                w: &[f64],
-                x: &[&[u8]],
-                o: DType,
-                outs: &mut [&mut [u8]],
-                c: Check<'_>,
-            ) {
-                // SAFETY: listed only where the CPU has the features.
-                unsafe { fold_into_avx512(d, w, x, o, outs, c) }
-            }
             if has_avx512() {
-                copies.push(("AVX-512", avx512));
+                copies.push(("AVX-512", listed_if_the_cpu_has_them!(fold_into_avx512)));
             } else {
                 eprintln!("note: no AVX-512 on this CPU: its copy of the fold is not compared");
             }
