@@ -15,6 +15,7 @@ clock around it.
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,9 +41,9 @@ def run(binary, k, inputs):
         p = subprocess.Popen([*cmd, *inputs])
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - start
-        if status != 0:
-            code = os.waitstatus_to_exitcode(status)
-            sys.exit(f"ab.py: {binary} exited with status {code}: {' '.join(cmd)}")
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        if p.returncode != 0:
+            sys.exit(f"ab.py: {binary} exited with status {p.returncode}: {' '.join(cmd)}")
         return wall, ru.ru_utime, ru.ru_stime
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -55,7 +56,9 @@ def main():
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--series", default=str(ROOT / "bench" / "out" / "series" / "f32"))
     args = p.parse_args()
-    inputs = sorted(str(f) for f in Path(args.series).glob("*.safetensors"))
+    # In step order: step_2000 before step_10000.
+    natural = lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f.name)]
+    inputs = [str(f) for f in sorted(Path(args.series).glob("*.safetensors"), key=natural)]
     if not inputs:
         sys.exit(f"ab.py: no checkpoints in {args.series}: run bench/run.py --suite sweep --keep")
     for f in inputs:  # page-cache them

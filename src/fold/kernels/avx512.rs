@@ -2,14 +2,14 @@
 //! spends its arithmetic in.
 //!
 //! Each output of a sweep costs one f64 multiplication and one addition per element and input
-//! (rounded separately, as in every other copy of the fold): vector operations that the CPUs
-//! measured issue two per cycle. With 8 outputs, the portable `fold_multi` of `kernels` runs at
-//! 62–77% of this kernel's rate (an AMD EPYC, an Intel Xeon): the compiler keeps the sums of only four outputs in registers, so the inputs
-//! are decoded once per group of four, and the sums go through memory before they are encoded.
-//! Here the sums of [`GROUP`] outputs over 16 elements are sixteen registers (fewer outputs:
-//! over more elements), each input's elements are decoded once for all of them, and an f32 or
-//! f64 output is encoded from the registers straight into its buffer when nothing has to see
-//! the sums (see `bench/results/kernels-sweep.txt` and BENCHMARKS.md for the figures).
+//! (rounded separately, as in every other copy of the fold). With 8 outputs, the portable
+//! `fold_multi` of `kernels` runs at 62% of this kernel's rate on an AMD EPYC: the compiler
+//! keeps the sums of only four outputs in registers, so the inputs are decoded once per group
+//! of four, and the sums go through memory before they are encoded. Here the sums of [`GROUP`]
+//! outputs over 16 elements are sixteen registers (fewer outputs: over more elements), each
+//! input's elements are decoded once for all of them, and an f32 or f64 output is encoded from
+//! the registers straight into its buffer when nothing has to see the sums (see
+//! `bench/results/kernels-sweep.txt` and BENCHMARKS.md for the figures).
 //!
 //! Same operations in the same order as the one-output fold, so the same bits: the tests of
 //! `kernels` compare them, every f16 bit pattern included. (Where the NaNs of two inputs meet,
