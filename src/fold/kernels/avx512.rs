@@ -18,7 +18,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Check, Conv, BLOCK};
+use super::{weights_by_group, Check, Conv, BLOCK};
 use crate::codec::convert::{bf16_bytes_to_f64, encode_impl, f16_bytes_to_f64};
 use crate::codec::dtype::DType;
 
@@ -152,15 +152,8 @@ unsafe fn fold_groups<D: Decode>(
     // Sums encoded from the registers, when nothing is to see them and the encoding is a
     // conversion of the register.
     let direct = check.is_none() && matches!(out_dtype, DType::F32 | DType::F64);
-    // The weights of each group of outputs, input by input: `wt[first·S + k·G + j]` for
-    // output `first + j` of the group of `G` outputs from `first`.
     let groups = || (0..k).step_by(GROUP).map(move |f| (f, GROUP.min(k - f)));
-    let mut wt = Vec::with_capacity(weights.len());
-    for (first, g) in groups() {
-        for s in 0..sources {
-            wt.extend((first..first + g).map(|o| weights[o * sources + s]));
-        }
-    }
+    let wt = weights_by_group::<GROUP>(weights, k, sources);
     let mut accs = [[0f64; BLOCK]; GROUP];
     for b in (0..n).step_by(BLOCK) {
         let e = (b + BLOCK).min(n);

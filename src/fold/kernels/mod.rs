@@ -267,6 +267,19 @@ fn multi_conv(dtypes: &[DType], k: usize) -> Option<Conv> {
     }
 }
 
+/// The weights of the fold (`weights[o·S + s]` for output `o` of `k` and input `s` of the `S`,
+/// `sources`) by group of `G` outputs, input by input: `wt[first·S + s·g + j]` for output
+/// `first + j` of the group of `g` outputs from `first` (the last group may have fewer).
+fn weights_by_group<const G: usize>(weights: &[f64], k: usize, sources: usize) -> Vec<f64> {
+    let mut wt = Vec::with_capacity(weights.len());
+    for first in (0..k).step_by(G) {
+        for s in 0..sources {
+            wt.extend((first..k.min(first + G)).map(|o| weights[o * sources + s]));
+        }
+    }
+    wt
+}
+
 /// Outputs folded together by [`fold_block_multi`]: their sums of a group of elements stay in
 /// registers while the group of every input is decoded once for all of them.
 const GROUP: usize = 4;
@@ -287,16 +300,9 @@ fn fold_multi(
     let osize = out_dtype.size();
     let sources = inputs.len();
     let mut accs = [[0f64; BLOCK]; GROUP];
-    // The weights of each group of outputs, input by input: `wt[first·S + k·G + j]` for
-    // output `first + j` of the group of `G` outputs from `first`.
     let k = outs.len();
     let groups = || (0..k).step_by(GROUP).map(move |f| (f, GROUP.min(k - f)));
-    let mut wt = Vec::with_capacity(weights.len());
-    for (first, g) in groups() {
-        for k in 0..sources {
-            wt.extend((first..first + g).map(|o| weights[o * sources + k]));
-        }
-    }
+    let wt = weights_by_group::<GROUP>(weights, k, sources);
     for b in (0..n).step_by(BLOCK) {
         let e = (b + BLOCK).min(n);
         // Every group folds the same block of the inputs, from L1 after the first.
