@@ -30,23 +30,43 @@ from run import SWEEPS  # noqa: E402 (bench/ is not a package)
 DECAYS = {1: "0.999", 4: SWEEPS[4], 8: SWEEPS[8]}
 
 
+def timed_ema(binary, decays, d, inputs, who):
+    """Wall, user and system seconds of one `ema` run of `binary` with `decays` into the
+    directory `d`; exits naming `who` (the calling script) if it fails."""
+    cmd = [binary, "ema", "-q", "--decay", decays, "-o", str(d / "e-{decay}.safetensors")]
+    start = time.perf_counter()
+    p = subprocess.Popen([*cmd, *inputs])
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - start
+    p.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    if p.returncode != 0:
+        sys.exit(f"{who}: {binary} exited with status {p.returncode}: {' '.join(cmd)}")
+    return wall, ru.ru_utime, ru.ru_stime
+
+
 def run(binary, k, inputs):
     """Wall, user and system seconds of one `ema` run with `k` decays into /dev/shm."""
     d = Path(f"/dev/shm/ema-tool-ab-{os.getpid()}-{k}")
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir()
     try:
-        cmd = [binary, "ema", "-q", "--decay", DECAYS[k], "-o", str(d / "e-{decay}.safetensors")]
-        start = time.perf_counter()
-        p = subprocess.Popen([*cmd, *inputs])
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - start
-        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        if p.returncode != 0:
-            sys.exit(f"ab.py: {binary} exited with status {p.returncode}: {' '.join(cmd)}")
-        return wall, ru.ru_utime, ru.ru_stime
+        return timed_ema(binary, DECAYS[k], d, inputs, "ab.py")
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def series_inputs(series, who):
+    """The checkpoints of the series in `series`, in step order (step_2000 before step_10000),
+    read once so that they are page-cached; exits naming `who` when there are none."""
+    natural = lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f.name)]
+    inputs = [str(f) for f in sorted(Path(series).glob("*.safetensors"), key=natural)]
+    if not inputs:
+        sys.exit(f"{who}: no checkpoints in {series}: run bench/run.py --suite sweep --keep")
+    for f in inputs:
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    return inputs
 
 
 def main():
@@ -56,15 +76,7 @@ def main():
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--series", default=str(ROOT / "bench" / "out" / "series" / "f32"))
     args = p.parse_args()
-    # In step order: step_2000 before step_10000.
-    natural = lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f.name)]
-    inputs = [str(f) for f in sorted(Path(args.series).glob("*.safetensors"), key=natural)]
-    if not inputs:
-        sys.exit(f"ab.py: no checkpoints in {args.series}: run bench/run.py --suite sweep --keep")
-    for f in inputs:  # page-cache them
-        with open(f, "rb") as fh:
-            while fh.read(1 << 24):
-                pass
+    inputs = series_inputs(args.series, "ab.py")
     pairs = (("old", args.old), ("new", args.new))
     for k in DECAYS:  # untimed
         for _, binary in pairs:

@@ -38,23 +38,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from run import SWEEPS  # noqa: E402 (bench/ is not a package)
+from ab import series_inputs, timed_ema  # noqa: E402 (bench/ is not a package)
+from run import SWEEPS  # noqa: E402
 
 DECAYS = {1: "0.999", 8: SWEEPS[8]}
 WAYS = ("freed just before", "freed, idle")
-
-
-def run(binary, k, inputs, d):
-    """Wall, user and system seconds of one `ema` run with `k` decays into the empty `d`."""
-    cmd = [binary, "ema", "-q", "--decay", DECAYS[k], "-o", str(d / "e-{decay}.safetensors")]
-    start = time.perf_counter()
-    p = subprocess.Popen([*cmd, *inputs])
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.exit(f"idle_memory.py: {binary} exited with status {code}: {' '.join(cmd)}")
-    return wall, ru.ru_utime, ru.ru_stime
 
 
 def main():
@@ -65,15 +53,7 @@ def main():
                    help="seconds between the end of a run and the next (default 6)")
     p.add_argument("--series", default=str(ROOT / "bench" / "out" / "series" / "f32"))
     args = p.parse_args()
-    natural = lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f.name)]
-    inputs = [str(f) for f in sorted(Path(args.series).glob("*.safetensors"), key=natural)]
-    if not inputs:
-        sys.exit(f"idle_memory.py: no checkpoints in {args.series}: "
-                 "run bench/run.py --suite sweep --keep")
-    for f in inputs:  # page-cache them
-        with open(f, "rb") as fh:
-            while fh.read(1 << 24):
-                pass
+    inputs = series_inputs(args.series, "idle_memory.py")
     d = Path(f"/dev/shm/ema-tool-idle-{os.getpid()}")
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir()
@@ -86,7 +66,7 @@ def main():
     try:
         for k in DECAYS:
             clear()
-            run(args.binary, k, inputs, d)  # untimed; its outputs stay in place
+            timed_ema(args.binary, DECAYS[k], d, inputs, "idle_memory.py")  # untimed; kept
             for r in range(args.reps):
                 for way in WAYS if r % 2 == 0 else WAYS[::-1]:
                     if way == "freed just before":
@@ -95,7 +75,8 @@ def main():
                     else:
                         clear()
                         time.sleep(args.idle)
-                    res.setdefault((way, k), []).append(run(args.binary, k, inputs, d))
+                    t = timed_ema(args.binary, DECAYS[k], d, inputs, "idle_memory.py")
+                    res.setdefault((way, k), []).append(t)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
