@@ -8,7 +8,8 @@
 //! of four, and the sums go through memory before they are encoded. Here the sums of [`GROUP`]
 //! outputs over 16 elements are sixteen registers (fewer outputs: over more elements), each
 //! input's elements are decoded once for all of them, and an f32 or f64 output is encoded from
-//! the registers straight into its buffer when nothing has to see the sums (see
+//! the registers straight into its buffer when nothing has to see the sums, and every input is
+//! fetched into the cache a little ahead of the elements being folded (see
 //! `bench/results/kernels-sweep.txt` and BENCHMARKS.md for the figures).
 //!
 //! Same operations in the same order as the one-output fold, so the same bits: the tests of
@@ -199,14 +200,15 @@ unsafe fn fold_groups<D: Decode>(
 
 /// How far ahead of the elements being folded their inputs are fetched into the cache, in bytes.
 /// The kernel is bound by its arithmetic, and without these hints it also waited on the reads of
-/// its inputs: on an Intel Xeon they took a tenth off the user time of an 8-value sweep of 8
-/// inputs from the page cache (`bench/results/ab-sweep-prefetch.md`). 2048 bytes ahead did no
-/// better; fetching the outputs' lines ahead too did not help.
+/// its inputs (eight streams of them, and eight of outputs): on an Intel Xeon they cut the user
+/// time of an 8-value sweep of 8 inputs from the page cache by 3–8% and its wall time by 2–3%
+/// (`bench/results/ab-sweep-prefetch.md`). 2 KiB ahead did no better; fetching the outputs'
+/// lines ahead too did not help.
 const PREFETCH_BYTES: usize = 1024;
 
 /// Asks the CPU to fetch the `len` bytes that lie [`PREFETCH_BYTES`] after `p` into the cache,
-/// a line of 64 bytes at a time: a hint, which reads nothing and never faults (an address past
-/// the end of the input, or not mapped, is ignored).
+/// a line of 64 bytes at a time: a hint, which changes nothing the program sees and never
+/// faults (an address past the end of the input, or not mapped yet, is ignored).
 #[inline(always)]
 fn prefetch_ahead(p: *const u8, len: usize) {
     let ahead = p.wrapping_add(PREFETCH_BYTES);
