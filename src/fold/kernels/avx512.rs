@@ -8,9 +8,9 @@
 //! of four, and the sums go through memory before they are encoded. Here the sums of [`GROUP`]
 //! outputs over 16 elements are sixteen registers (fewer outputs: over more elements), each
 //! input's elements are decoded once for all of them, and an f32 or f64 output is encoded from
-//! the registers straight into its buffer when nothing has to see the sums, and every input is
-//! fetched into the cache a little ahead of the elements being folded (see
-//! `bench/results/kernels-sweep.txt` and BENCHMARKS.md for the figures).
+//! the registers straight into its buffer when nothing has to see the sums (see
+//! `bench/results/kernels-sweep.txt` and BENCHMARKS.md for the figures). Every input is fetched
+//! into the cache a little ahead of the elements being folded ([`PREFETCH_BYTES`]).
 //!
 //! Same operations in the same order as the one-output fold, so the same bits: the tests of
 //! `kernels` compare them, every f16 bit pattern included. (Where the NaNs of two inputs meet,
@@ -199,20 +199,22 @@ unsafe fn fold_groups<D: Decode>(
 }
 
 /// How far ahead of the elements being folded their inputs are fetched into the cache, in bytes.
-/// The kernel is bound by its arithmetic, and without these hints it also waited on the reads of
-/// its inputs (eight streams of them, and eight of outputs): on an Intel Xeon they cut the user
-/// time of an 8-value sweep of 8 inputs from the page cache by 3–8% and its wall time by 2–3%
-/// (`bench/results/ab-sweep-prefetch.md`). 2 KiB ahead did no better; fetching the outputs'
-/// lines ahead too did not help.
+/// The kernel is bound by its arithmetic; with 8 inputs and 8 outputs it likely also waited on
+/// the reads of its inputs from the page cache: on an Intel Xeon these hints cut the user time
+/// of an 8-value sweep of 8 f32 inputs by 3–8% and its wall time by 2–3%
+/// (`bench/results/ab-sweep-prefetch.md`; other dtypes not measured). In throwaway builds, not
+/// kept, 2 KiB ahead did no better and fetching the outputs' lines ahead too did not help.
 const PREFETCH_BYTES: usize = 1024;
 
-/// Asks the CPU to fetch the `len` bytes that lie [`PREFETCH_BYTES`] after `p` into the cache,
-/// a line of 64 bytes at a time: a hint, which changes nothing the program sees and never
-/// faults (an address past the end of the input, or not mapped yet, is ignored).
+/// Asks the CPU to fetch into the cache every line of 64 bytes that starts among the `len`
+/// bytes lying [`PREFETCH_BYTES`] after `p`: successive calls over consecutive ranges ask for
+/// each line once, however short the ranges. A hint, which changes nothing the program sees
+/// and never faults (an address past the end of the input, or not mapped yet, is ignored).
 #[inline(always)]
 fn prefetch_ahead(p: *const u8, len: usize) {
     let ahead = p.wrapping_add(PREFETCH_BYTES);
-    for off in (0..len).step_by(64) {
+    let first = (64 - (ahead as usize) % 64) % 64;
+    for off in (first..len).step_by(64) {
         // SAFETY: a prefetch dereferences nothing; SSE, which has it, is part of x86-64.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast()) };
     }
@@ -257,15 +259,15 @@ impl Block<'_> {
         let full = b + (e - b) / step * step;
         let mut at = b;
         while at < full {
+            for input in inputs {
+                prefetch_ahead(input.as_ptr().wrapping_add(at * D::SIZE), step * D::SIZE);
+            }
             // SAFETY: elements `at .. at + 8·L` (`at + 8·L <= full <= e`) are within every
             // input and output (the caller's guarantee) and, less `b`, within `accs[j]`
             // (`e - b <= BLOCK`); the CPU has the features of the intrinsics.
             unsafe {
                 // Plain loops rather than closures, which would not have the CPU features of this
                 // function for the intrinsics.
-                for input in inputs {
-                    prefetch_ahead(input.as_ptr().wrapping_add(at * D::SIZE), step * D::SIZE);
-                }
                 let mut x = [_mm512_setzero_pd(); L];
                 for (l, x) in x.iter_mut().enumerate() {
                     *x = D::eight(inputs[0].as_ptr().add((at + 8 * l) * D::SIZE));
